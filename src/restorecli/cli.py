@@ -1,0 +1,176 @@
+"""The `restore` command line: parsing and printing only; the work happens in the library.
+
+`restore photo.png` runs the default command `image` (Typer has no default command: `DefaultGroup`
+inserts its name when the first argument is not a subcommand name). A file literally named like a
+subcommand is restored with a path: `restore ./batch`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from . import __version__
+from .cli_options import restore_options
+from .errors import RestoreError, UsageError
+from .options import RestoreOptions
+from .ui import NORMAL, QUIET, VERBOSE, Output, setup_logging
+
+DEFAULT_COMMAND = "image"
+GLOBAL_FLAGS = {"--version", "-q", "--quiet", "-v", "--verbose", "--help", "-h"}
+
+EXAMPLES = """
+Examples:
+
+  restore photo.png                      # writes photo_restored.png (v2.1, x4)
+
+  restore scan.jpg --task denoise --guidance 0.5 -o clean.png
+
+  restore batch scans/ -o scans_restored/
+
+  restore weights fetch --model v2.1
+"""
+
+
+class DefaultGroup(TyperGroup):
+    """A group whose first non-global argument falls through to `image` unless it names a subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = list(args)
+        for i, arg in enumerate(args):
+            if arg in GLOBAL_FLAGS:
+                continue
+            if arg not in self.commands:
+                args.insert(i, DEFAULT_COMMAND)
+            break
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=DefaultGroup,
+    name="restore",
+    help="Restore degraded photos (blur, noise, JPEG, low resolution, old scans) with DiffBIR.\n\n"
+    "`restore IMAGE...` is short for `restore image IMAGE...`." + EXAMPLES,
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+
+
+class State:
+    out = Output(NORMAL)
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"restorecli {__version__}\n")
+        raise typer.Exit(0)
+
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")]
+
+
+def _set_verbosity(quiet: bool, verbose: bool) -> None:
+    if quiet or verbose:
+        level = QUIET if quiet else VERBOSE
+        State.out = Output(level)
+        setup_logging(level)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    setup_logging(NORMAL)
+    _set_verbosity(quiet, verbose)
+
+
+@app.command(
+    DEFAULT_COMMAND,
+    help="Restore one or more images (the default command: `restore photo.png` = `restore image photo.png`).\n\n"
+    "Writes `photo_restored.png` beside each input unless `-o` says otherwise; never overwrites an input, "
+    "and keeps an existing output unless `--overwrite`. `-` reads stdin; `-o -` writes stdout.\n\n"
+    "Example: `restore old_scan.jpg --task sr --upscale 2 --guidance 0.5 -o restored.png`",
+)
+@restore_options
+def image_command(
+    inputs: Annotated[list[str], typer.Argument(help="Image files (or `-` for stdin).", show_default=False)],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output file, folder (DIR/), or `-` for stdout.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    suffix: Annotated[str, typer.Option("--suffix", help="Appended to the input's stem to name the output.")] = "_restored",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Output format: png, jpg, webp, tif. [default: from the output's extension, else the input's]", show_default=False)] = None,
+    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
+    save_guidance_map: Annotated[Optional[str], typer.Option("--save-guidance-map", help="Also write the region-adaptive guidance weight map (grayscale image) here.", show_default=False)] = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    *,
+    opts: RestoreOptions,
+) -> None:
+    _set_verbosity(quiet, verbose)
+    from .runner import restore_files
+
+    code = restore_files(
+        inputs,
+        output,
+        opts,
+        out=State.out,
+        overwrite=overwrite,
+        suffix=suffix,
+        fmt=fmt,
+        quality=quality,
+        json_lines=json_lines,
+        save_guidance_map=save_guidance_map,
+    )
+    raise typer.Exit(code)
+
+
+def _mount_subcommands() -> None:
+    from .cli_batch import batch_command
+    from .cli_weights import weights_app
+
+    app.command("batch", help=batch_command.__doc__)(batch_command)
+    app.add_typer(weights_app, name="weights")
+
+
+_mount_subcommands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: map library errors to one stderr line and an exit code."""
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="restore")
+        return code if isinstance(code, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        State.out.error("interrupted")
+        return 130
+    except KeyboardInterrupt:
+        State.out.error("interrupted")
+        return 130
+    except click.UsageError as exc:
+        hint = exc.ctx.command_path + " --help" if exc.ctx else "restore --help"
+        State.out.error(exc.format_message(), hint=f"see `{hint}`")
+        return 2
+    except click.ClickException as exc:
+        State.out.error(exc.format_message())
+        return exc.exit_code
+    except RestoreError as exc:
+        State.out.error(str(exc), hint=exc.hint)
+        return exc.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

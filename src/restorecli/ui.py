@@ -1,0 +1,65 @@
+"""Terminal output for the CLI: results on stdout, everything else on stderr.
+
+Only `cli.py` (and the CLI helpers next to it) use this module; the library reports through
+`logging` (logger "restorecli") and callbacks, and never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+
+
+class Output:
+    """One object that knows where each kind of message goes (after huggingface_hub's CLI `out`)."""
+
+    def __init__(self, level: int = NORMAL):
+        self.level = level
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+
+    # -- stderr ---------------------------------------------------------------------------
+    def info(self, message: str) -> None:
+        if self.level >= NORMAL:
+            self.err.print(message, markup=False)
+
+    def detail(self, message: str) -> None:
+        if self.level >= VERBOSE:
+            self.err.print(message, markup=False, style="dim")
+
+    def warning(self, message: str) -> None:
+        self.err.print(f"warning: {message}", markup=False, style="yellow")
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        self.err.print(f"error: {message}", markup=False, style="bold red")
+        if hint:
+            self.err.print(f"hint: {hint}", markup=False, style="dim")
+
+    # -- stdout ---------------------------------------------------------------------------
+    def result(self, text: str) -> None:
+        """A plain result line for scripts (e.g. `restore weights path NAME`)."""
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    def json_line(self, obj) -> None:
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False, separators=(", ", ": ")) + "\n")
+        sys.stdout.flush()
+
+
+def setup_logging(level: int) -> None:
+    """Route the library's `logging` records to stderr through rich, at the CLI's verbosity."""
+    logger = logging.getLogger("restorecli")
+    logger.handlers.clear()
+    handler = RichHandler(
+        console=Console(stderr=True), show_time=False, show_path=False, markup=False, rich_tracebacks=False
+    )
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel({QUIET: logging.ERROR, NORMAL: logging.WARNING, VERBOSE: logging.DEBUG}[level])
