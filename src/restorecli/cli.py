@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Optional
 
-import click
 import typer
+import typer.core
 from typer.core import TyperGroup
 
 from . import __version__
@@ -19,6 +19,12 @@ from .cli_options import restore_options
 from .errors import RestoreError, UsageError
 from .options import RestoreOptions
 from .ui import NORMAL, QUIET, VERBOSE, Output, setup_logging
+
+# Newer Typer vendors click as typer._click (with its own exception classes); older releases use the
+# click package. Take the one in use. typer.Exit/typer.Abort are the right classes in both.
+click = getattr(typer.core, "_click", None) or getattr(typer.core, "click")
+ClickException = click.exceptions.ClickException
+ClickUsageError = click.exceptions.UsageError
 
 DEFAULT_COMMAND = "image"
 GLOBAL_FLAGS = {"--version", "-q", "--quiet", "-v", "--verbose", "--help", "-h"}
@@ -39,7 +45,7 @@ Examples:
 class DefaultGroup(TyperGroup):
     """A group whose first non-global argument falls through to `image` unless it names a subcommand."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
         args = list(args)
         for i, arg in enumerate(args):
             if arg in GLOBAL_FLAGS:
@@ -152,19 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, standalone_mode=False, prog_name="restore")
         return code if isinstance(code, int) else 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         State.out.error("interrupted")
         return 130
-    except KeyboardInterrupt:
-        State.out.error("interrupted")
-        return 130
-    except click.UsageError as exc:
+    except ClickUsageError as exc:
         hint = exc.ctx.command_path + " --help" if exc.ctx else "restore --help"
         State.out.error(exc.format_message(), hint=f"see `{hint}`")
         return 2
-    except click.ClickException as exc:
+    except ClickException as exc:
         State.out.error(exc.format_message())
         return exc.exit_code
     except RestoreError as exc:
