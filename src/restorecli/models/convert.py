@@ -1,0 +1,310 @@
+"""Official DiffBIR / Stable Diffusion checkpoint layouts -> diffusers / transformers state dicts.
+
+Sources and what maps where (key names from ``ControlLDM.load_pretrained_sd`` and the official
+modules; full-size key/shape manifests in ``../shared/reference/manifest_full.json``):
+
+* SD ldm checkpoint (``{"state_dict": ...}`` ``.ckpt`` or a flat ``.safetensors``):
+  ``model.diffusion_model.*`` -> ``UNet2DConditionModel``, ``first_stage_model.*`` -> ``AutoencoderKL``,
+  ``cond_stage_model.model.*`` (OpenCLIP text tower) -> ``CLIPTextModel``.
+* IRControlNet (bare state dict: ``time_embed.*``, ``input_blocks.*``, ``zero_convs.N.0.*``,
+  ``middle_block.*``, ``middle_block_out.0.*``) -> :class:`IRControlNetModel`.
+
+Where diffusers' single-file helpers (``diffusers.loaders.single_file_utils``) do the job they are used;
+the tests check every mapping against the golden outputs and the full-size manifests:
+
+* UNet: ``convert_ldm_unet_checkpoint`` as is.
+* VAE: ``convert_ldm_vae_checkpoint`` as is (it also turns the mid-block attention's 1x1 conv q/k/v/
+  proj_out weights into linear weights).
+* IRControlNet: ``convert_controlnet_checkpoint`` as is: our model keeps ``ControlNetModel``'s attribute
+  names and the function skips the absent ``input_hint_block`` (the only part DiffBIR lacks).
+* Text: ``convert_open_clip_checkpoint`` after two fixes of ours: its list of keys to drop for the
+  penultimate layer is hard-coded to SD 2's ``resblocks.23``, so we remove the residual blocks beyond
+  the used depth ourselves (any depth); and it emits ``text_model.``-prefixed keys, which
+  transformers >= 5 no longer uses in ``CLIPTextModel``, so that prefix is stripped when the model
+  has none.
+
+Every result is checked against the target model's key/shape table: a missing, unexpected or
+mis-shaped tensor is a :class:`WeightsError` naming the checkpoint file.
+
+The module also holds the conversion cache: converted weights are stored as safetensors under a
+folder keyed by the source file's sha256, the target configs and :data:`CONVERTER_VERSION`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..errors import WeightsError
+
+log = logging.getLogger("restorecli.models")
+
+#: Bump when a converter's output changes; old cache entries are then ignored.
+CONVERTER_VERSION = 1
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.model."
+
+StateDict = dict[str, torch.Tensor]
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+# --------------------------------------------------------------------------------------------------
+# reading official files
+
+
+def read_checkpoint(path: str | os.PathLike) -> StateDict:
+    """A checkpoint as a flat state dict (``state_dict`` unwrapped, ``module.`` stripped), loaded safely."""
+    from ..checkpoints import load_state_dict
+
+    return load_state_dict(path)
+
+
+def with_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
+    """The entries whose key starts with ``prefix`` (keys unchanged)."""
+    return {k: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------------------------------
+# converters (pure functions: official state dict + diffusers config -> diffusers state dict)
+
+
+def convert_unet(sd: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any]) -> StateDict:
+    """``model.diffusion_model.*`` -> ``UNet2DConditionModel`` keys (diffusers' converter)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    return dict(convert_ldm_unet_checkpoint(with_prefix(sd, UNET_PREFIX), dict(unet_config)))
+
+
+def convert_vae(sd: Mapping[str, torch.Tensor], vae_config: Mapping[str, Any]) -> StateDict:
+    """``first_stage_model.*`` -> ``AutoencoderKL`` keys (diffusers' converter; 1x1-conv attention -> linear)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    return dict(convert_ldm_vae_checkpoint(with_prefix(sd, VAE_PREFIX), dict(vae_config)))
+
+
+def convert_text_encoder(
+    sd: Mapping[str, torch.Tensor], text_config: Any, *, target_keys: Shapes | None = None
+) -> StateDict:
+    """``cond_stage_model.model.*`` (OpenCLIP text tower) -> ``CLIPTextModel`` keys.
+
+    Keeps residual blocks ``0 .. num_hidden_layers-1`` (the penultimate-layer model drops the last),
+    splits ``attn.in_proj_*`` into q/k/v (diffusers' converter), ignores ``text_projection`` and
+    ``logit_scale``. ``target_keys`` decides whether the ``text_model.`` prefix is kept.
+    """
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    used = int(text_config.num_hidden_layers)
+    block = TEXT_PREFIX + "transformer.resblocks."
+    kept: StateDict = {}
+    for k, v in with_prefix(sd, TEXT_PREFIX).items():
+        if k.startswith(block) and int(k[len(block) :].split(".", 1)[0]) >= used:
+            continue  # residual blocks after the used depth (the official forward stops before them)
+        if k in (TEXT_PREFIX + "text_projection", TEXT_PREFIX + "logit_scale"):
+            continue
+        kept[k] = v
+    out = convert_open_clip_checkpoint(SimpleNamespace(config=text_config), kept, prefix=TEXT_PREFIX)
+    out.pop("text_projection.weight", None)
+    prefixed = target_keys is None or any(k.startswith("text_model.") for k in target_keys)
+    if not prefixed:
+        out = {(k[len("text_model.") :] if k.startswith("text_model.") else k): v for k, v in out.items()}
+    return out
+
+
+def convert_controlnet(sd: Mapping[str, torch.Tensor], controlnet_config: Mapping[str, Any]) -> StateDict:
+    """Bare IRControlNet state dict -> :class:`IRControlNetModel` keys (diffusers' ControlNet converter)."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    if "input_hint_block.0.weight" in sd:
+        raise ValueError("has an input_hint_block: a plain ControlNet, not DiffBIR's IRControlNet")
+    if "time_embed.0.weight" not in sd:
+        raise ValueError("is not an IRControlNet state dict (no time_embed.0.weight)")
+    # the function takes the dict as is when it finds "time_embed.0.weight" (bare layout)
+    out = convert_controlnet_checkpoint(dict(sd), {"layers_per_block": controlnet_config["layers_per_block"]})
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def check_state_dict(got: Mapping[str, torch.Tensor], expected: Shapes, *, what: str, source: str | os.PathLike) -> None:
+    """Raise WeightsError unless ``got`` has exactly the keys and shapes of ``expected``."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(got) & set(expected) if tuple(got[k].shape) != tuple(expected[k]))
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
+    if wrong:
+        k = wrong[0]
+        problems.append(
+            f"{len(wrong)} with another shape ({k}: {tuple(got[k].shape)} in the file, {tuple(expected[k])} expected)"
+        )
+    if problems:
+        raise WeightsError(f"{source}: {what} weights do not match the model description: " + "; ".join(problems))
+
+
+def shapes_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a model's state dict (works on the meta device)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# conversion cache
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_file(path: str | os.PathLike, *, index: Path | None = None) -> str:
+    """sha256 of a file; with ``index`` (a JSON file), remembered per (resolved path, size, mtime_ns)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read checkpoint ({exc.strerror or exc})") from None
+    key = str(path.resolve())
+    if index is not None:
+        hit = _read_json(index).get(key)
+        if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+            return str(hit["sha256"])
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read checkpoint ({exc.strerror or exc})") from None
+    digest = h.hexdigest()
+    if index is not None:
+        try:
+            data = _read_json(index)
+            data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+            _write_json_atomic(index, data)
+        except OSError as exc:  # a read-only cache folder only costs a re-hash next time
+            log.warning("cannot update the checksum index %s: %s", index, exc)
+    return digest
+
+
+def config_fingerprint(*configs: Any) -> str:
+    """Short stable hash of the target configs (a different architecture never reuses an entry)."""
+
+    def plain(c: Any) -> Any:
+        if hasattr(c, "to_dict"):
+            c = c.to_dict()
+        if isinstance(c, Mapping):
+            return {str(k): plain(v) for k, v in sorted(c.items()) if not str(k).startswith("_")}
+        if isinstance(c, (list, tuple)):
+            return [plain(v) for v in c]
+        return c if isinstance(c, (str, int, float, bool, type(None))) else str(c)
+
+    text = json.dumps([plain(c) for c in configs], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# transformers adds bookkeeping fields to its config dicts that do not change the network
+_TEXT_CONFIG_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "hidden_act", "layer_norm_eps",
+)  # fmt: skip
+
+
+def text_config_fingerprint_fields(text_config: Any) -> dict[str, Any]:
+    return {k: getattr(text_config, k) for k in _TEXT_CONFIG_FIELDS}
+
+
+class ConversionCache:
+    """Converted weights of one source checkpoint: ``<root>/<kind>-<sha16>-<cfg>-c<version>/<part>.safetensors``.
+
+    An entry is a folder written under a temporary name and renamed into place when complete, so a
+    crash or a concurrent run never leaves a half-written entry that looks complete.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @property
+    def hash_index(self) -> Path:
+        return self.root / "sha256-index.json"
+
+    def entry(self, kind: str, source: str | os.PathLike, fingerprint: str) -> Path:
+        digest = sha256_file(source, index=self.hash_index)
+        return self.root / f"{kind}-{digest[:16]}-{fingerprint}-c{CONVERTER_VERSION}"
+
+    @staticmethod
+    def complete(entry: Path, parts: tuple[str, ...]) -> bool:
+        return (entry / "meta.json").is_file() and all((entry / f"{p}.safetensors").is_file() for p in parts)
+
+    @staticmethod
+    def load(entry: Path, part: str) -> StateDict:
+        from safetensors.torch import load_file
+
+        return load_file(str(entry / f"{part}.safetensors"))
+
+    def store(self, entry: Path, parts: Mapping[str, Mapping[str, torch.Tensor]], meta: dict[str, Any]) -> bool:
+        """Write an entry atomically; False (and a warning) if the folder cannot be written."""
+        from safetensors.torch import save_file
+
+        tmp: Path | None = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=self.root))
+            for part, sd in parts.items():
+                tensors = {k: v.detach().contiguous() for k, v in sd.items()}
+                save_file(tensors, str(tmp / f"{part}.safetensors"), metadata={"converter_version": str(CONVERTER_VERSION)})
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+            if entry.exists():  # another run finished first; its entry is as good as ours
+                shutil.rmtree(tmp, ignore_errors=True)
+                return True
+            os.replace(tmp, entry)
+            return True
+        except OSError as exc:
+            log.warning("cannot write the conversion cache %s: %s", entry, exc)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return False
+
+    @staticmethod
+    def discard(entry: Path) -> None:
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def iter_entries(root: str | os.PathLike) -> Iterator[Path]:
+    """The complete-looking cache entries under ``root`` (for listing / cleaning)."""
+    root = Path(root)
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.is_dir() and not p.name.startswith(".") and (p / "meta.json").is_file():
+                yield p
