@@ -129,6 +129,18 @@ def empty_models(configs: Stage2Configs) -> dict[str, nn.Module]:
     }
 
 
+def _placed(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` in ``dtype`` on ``device``, in its own 64-byte aligned CPU allocation.
+
+    Tensors memory-mapped from a safetensors file sit at arbitrary offsets; oneDNN/MKL pick other
+    kernels for unaligned weights and the results differ in the last bits. Copying them makes the
+    output independent of where the weights came from (converted now, cache, .ckpt or .safetensors).
+    """
+    if t.dtype != dtype or t.device != device or t.data_ptr() % 64 or not t.is_contiguous():
+        return t.to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+    return t
+
+
 def assign_weights(
     model: nn.Module,
     sd: Mapping[str, torch.Tensor],
@@ -140,7 +152,8 @@ def assign_weights(
 ) -> nn.Module:
     """Check keys/shapes, cast floating tensors to ``dtype``, assign, move, eval, no grad."""
     cv.check_state_dict(sd, cv.shapes_of(model), what=what, source=source)
-    cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    target = torch.device(device)
+    cast = {k: _placed(v, dtype if v.is_floating_point() else v.dtype, target) for k, v in sd.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:  # cannot happen after a strict load; guards against a model with unusual parameters
@@ -156,17 +169,16 @@ def assign_weights(
 
 
 def _default_cache_dir() -> Path | None:
-    """The weights engineer's cache folder, when that module is there."""
+    """``<weights home>/cache/converted`` (restorecli.weights.cache_dir), or None without that module."""
     try:
-        from .. import weights
+        from ..weights import cache_dir
     except ImportError:
         return None
-    for name in ("converted_dir", "cache_dir", "weights_home"):
-        fn = getattr(weights, name, None)
-        if callable(fn):
-            base = Path(fn())
-            return base if name == "converted_dir" else base / "converted"
-    return None
+    try:
+        return cache_dir("converted")
+    except OSError as exc:  # an unwritable home: run without the cache
+        log.warning("no conversion cache (%s)", exc)
+        return None
 
 
 def _load_tokenizer(folder: Path | None, max_length: int):
@@ -277,8 +289,8 @@ def load_stage2(
 
     ``description_or_spec``: a :class:`ModelDescription` (its ``cldm``, ``diffusion`` and ``tokenizer``)
     or a bare :class:`CLDMSpec` plus ``tokenizer`` (folder) and optionally ``diffusion`` (default eps).
-    ``cache_dir``: where converted weights are kept (default: the weights folder's ``converted/`` when
-    :mod:`restorecli.weights` provides one); ``use_cache=False`` converts in memory only.
+    ``cache_dir``: where converted weights are kept (default: ``restorecli.weights.cache_dir("converted")``,
+    i.e. ``<weights home>/cache/converted``); ``use_cache=False`` converts in memory only.
     Weights load in ``dtype`` (all four models; see the README for the fp16 notes) on ``device``.
     """
     if isinstance(description_or_spec, ModelDescription):
