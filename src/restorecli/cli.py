@@ -8,6 +8,7 @@ subcommand is restored with a path: `restore ./batch`.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -155,6 +156,8 @@ _mount_subcommands()
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: map library errors to one stderr line and an exit code."""
+    # Pillow's DecompressionBombWarning would print a stray line; imageio turns bombs into InputError.
+    warnings.filterwarnings("ignore", message=".*decompression bomb", module="PIL")
     try:
         code = app(args=argv, standalone_mode=False, prog_name="restore")
         return code if isinstance(code, int) else 0
