@@ -26,16 +26,12 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
-import http.client
 import json
 import logging
 import os
 import re
 import socket
-import ssl
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Mapping, Sequence
@@ -983,7 +979,10 @@ def _hub_error(entry: WeightEntry, exc: BaseException, endpoint: str) -> Weights
 # --------------------------------------------------------------------------------------------------
 
 
-def _url_opener() -> urllib.request.OpenerDirector:
+def _url_opener():
+    import ssl
+    import urllib.request
+
     try:  # the CA bundle huggingface_hub/httpx use, where installed; else the system's
         import certifi
 
@@ -1063,6 +1062,9 @@ def _transfer(entry: WeightEntry, part: Path, state_file: Path, progress: Progre
 
     Raises _Interrupted(reason, bytes received) when the connection drops mid-body, WeightsError for
     anything a retry cannot fix (HTTP errors, no connection, a different file)."""
+    import http.client  # plain-URL downloads only: kept off `import restorecli`
+    import urllib.error
+    import urllib.request
     state = _read_json(state_file)
     have = part.stat().st_size if part.exists() else 0
     validator = (state.get("etag") or state.get("last_modified")) if state.get("url") == entry.url else None
@@ -1128,5 +1130,6 @@ def _strong_etag(etag: str | None) -> str | None:
 def _url_error(entry: WeightEntry, reason: str) -> WeightsError:
     return WeightsError(
         f"{entry.name} ({entry.basename}) from {entry.url}: {reason}",
-        hint=f"check your connection (HF_ENDPOINT does not apply to this file), or download it by other means and {WEIGHTS_DIR_HINT}",
+        hint="check your connection (HF_ENDPOINT does not apply to this file), or download it by other means "
+        "into a folder and pass `--weights-dir DIR` (or set RESTORE_WEIGHTS_DIR)",
     )
