@@ -18,7 +18,8 @@ from restorecli.errors import UsageError, WeightsError
 
 pytestmark = pytest.mark.usefixtures("weights_env")
 
-FACTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights-facts.md"
+SHARED = Path(os.environ.get("RESTORE_SHARED_DIR", Path(__file__).resolve().parents[1].parent / "shared"))
+FACTS = SHARED / "weights-facts.md"
 
 
 # --------------------------------------------------------------------------------------------------
