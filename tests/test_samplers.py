@@ -1,0 +1,261 @@
+"""All 14 samplers against the official DiffBIR runs (golden/sampling_{eps,v}.safetensors, golden/tiled).
+
+Tiny models from model_eps.json / model_v.json; 4 steps, cfg 4, every other knob at its default. Final
+latents are compared relative to the tensor's scale (several eps EDM runs end at |z| ~ 1e4 and some v runs
+blow up, as the reference README notes). The noise each sampler consumes must be exactly the recorded
+draws, regenerated from the run's seed. Fast properties of the interfaces use a fake model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import assert_close_rel, load_golden
+from restorecli.diffusion.cfg import GuidedModel, rescaled_cfg_scale
+from restorecli.diffusion.conditioning import ControlCondition, ControlledModel
+from restorecli.diffusion.noise import GeneratorNoise
+from restorecli.diffusion.sampling import SAMPLERS, sample
+from restorecli.diffusion.schedules import NoiseSchedule
+from restorecli.diffusion.tiled import TiledModel
+from restorecli.errors import UsageError
+from restorecli.models.description import DiffusionSpec, load_model_description
+
+PARS = ("eps", "v")
+
+
+class RecordingNoise(GeneratorNoise):
+    """The image's generator, keeping every tensor it hands out."""
+
+    def __init__(self, seed: int):
+        super().__init__(torch.Generator("cpu").manual_seed(seed))
+        self.handed_out: list[torch.Tensor] = []
+
+    def __call__(self, like):
+        z = super().__call__(like)
+        self.handed_out.append(z.clone())
+        return z
+
+
+@pytest.fixture(scope="module")
+def tiny(reference_dir):
+    """Per parameterization: (sampler model, training schedule), loaded once."""
+    from restorecli.models.stage2 import load_stage2
+
+    out = {}
+    for par in PARS:
+        desc = load_model_description(reference_dir / f"model_{par}.json")
+        models = load_stage2(desc, use_cache=False)
+        out[par] = (ControlledModel(models.controlled_unet()), NoiseSchedule.from_spec(desc.diffusion))
+    return out
+
+
+def _golden_run(reference_dir, tiny, par, name, **overrides):
+    golden, meta = load_golden(reference_dir, f"sampling_{par}")
+    run = json.loads(meta["runs"])[name]
+    model, schedule = tiny[par]
+    noise = RecordingNoise(run["seed"])
+    x_T = noise.randn((1, 4, 8, 12))
+    z = sample(
+        name, model, x_T, schedule=schedule, steps=4, noise=noise, cfg=float(meta["cfg"]),
+        cond=ControlCondition(golden["c_txt"], golden["c_img"]),
+        uncond=ControlCondition(golden["c_txt_neg"], golden["c_img"]),
+        **overrides,
+    )
+    return z, x_T, noise, golden, run
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("par", PARS)
+def test_final_latent_matches_official(reference_dir, tiny, par, name):
+    z, x_T, noise, golden, run = _golden_run(reference_dir, tiny, par, name)
+    assert torch.equal(x_T, golden[f"{name}/x_T"])
+    assert torch.isfinite(z).all()
+    assert_close_rel(z, golden[f"{name}/z"], 1e-4, what=f"{par}/{name}/z")
+
+    # exactly the recorded draws, in order: x_T + the sampler's own
+    recorded = sorted(k for k in golden if k.startswith(f"{name}/noise_"))
+    assert noise.draws == run["n_draws"] == len(recorded) + 1
+    for k, ours in zip(recorded, noise.handed_out, strict=True):
+        assert torch.equal(ours, golden[k]), k
+    # ... and those draws are the seed's stream: x_T first, then noise_00, noise_01, ...
+    regen = torch.Generator("cpu").manual_seed(run["seed"])
+    stream = [torch.randn((1, 4, 8, 12), generator=regen, dtype=torch.float32) for _ in range(run["n_draws"])]
+    assert torch.equal(stream[0], golden[f"{name}/x_T"])
+    assert all(torch.equal(a, golden[k]) for a, k in zip(stream[1:], recorded))
+
+
+def test_tiled_sampling_matches_official(reference_dir, tiny):
+    golden, meta = load_golden(reference_dir, "tiled")
+    assert meta["sampler"] == "edm_euler_a" and meta["parameterization"] == "v"
+    model, schedule = tiny["v"]
+    size, stride = int(meta["tile_size_latent"]), int(meta["tile_stride_latent"])
+    noise = RecordingNoise(int(meta["seed"]))
+    x_T = noise.randn(golden["x_T"].shape)
+    assert torch.equal(x_T, golden["x_T"])
+    z = sample(
+        "edm_euler_a", model, x_T, schedule=schedule, steps=4, cfg=4.0, noise=noise, tile=(size, stride),
+        cond=ControlCondition(golden["c_txt"], golden["c_img"]),
+        uncond=ControlCondition(golden["c_txt_neg"], golden["c_img"]),
+    )
+    assert_close_rel(z, golden["z"], 1e-4, what="tiled z")
+    drawn = sorted(k for k in golden if k.startswith("noise_"))
+    assert len(noise.handed_out) == len(drawn) == 3
+    assert all(torch.equal(a, golden[k]) for a, k in zip(noise.handed_out, drawn))
+
+
+@pytest.mark.parametrize("par, name", [("v", "edm_dpm++_3m_sde"), ("eps", "spaced")])
+def test_same_seed_same_bytes_other_seed_differs(reference_dir, tiny, par, name):
+    model, schedule = tiny[par]
+    golden, _ = load_golden(reference_dir, f"sampling_{par}")
+    cond = ControlCondition(golden["c_txt"], golden["c_img"])
+    uncond = ControlCondition(golden["c_txt_neg"], golden["c_img"])
+
+    def run(seed):
+        g = torch.Generator("cpu").manual_seed(seed)
+        x_T = torch.randn((1, 4, 8, 12), generator=g, dtype=torch.float32)
+        return sample(name, model, x_T, schedule=schedule, steps=3, cond=cond, uncond=uncond, cfg=4.0, noise=g)
+
+    a, b, c = run(231), run(231), run(232)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+# --------------------------------------------------------------------------------------------------
+# interface properties on a fake model (no weights)
+
+
+def _fake_model(x, t, cond):
+    t = t.to(torch.float32).view(-1, 1, 1, 1)
+    return torch.tanh(0.8 * x + 0.5 * cond.c_img) * (1 + t / 1500) + 0.1 * cond.c_txt.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+def _fake_run(name, par="v", steps=4, cfg=3.0, seed=7, **kw):
+    schedule = NoiseSchedule.from_spec(DiffusionSpec(parameterization=par, zero_snr=par == "v"))
+    g = torch.Generator().manual_seed(99)
+    c_img = 0.3 * torch.randn(1, 4, 6, 10, generator=g)
+    cond = ControlCondition(torch.randn(1, 5, 3, generator=g), c_img)
+    uncond = ControlCondition(torch.randn(1, 5, 3, generator=g), c_img)
+    noise = kw.pop("noise", None) or GeneratorNoise.from_seed(seed)
+    x_T = noise.randn((1, 4, 6, 10))
+    z = sample(name, kw.pop("model", _fake_model), x_T, schedule=schedule, steps=steps, cond=cond, uncond=uncond,
+               cfg=cfg, noise=noise, **kw)
+    return z, noise
+
+
+DRAWS = {  # sampler draws for n steps (reference README table), eps / knobs at defaults
+    "spaced": lambda n: n, "ddim": lambda n: n, "dpm++_m2": lambda n: 0,
+    "edm_euler": lambda n: n, "edm_heun": lambda n: n, "edm_dpm_2": lambda n: n,
+    "edm_euler_a": lambda n: n - 1, "edm_dpm++_2s_a": lambda n: n - 1, "edm_dpm_2_a": lambda n: n - 1,
+    "edm_lms": lambda n: 0, "edm_dpm++_2m": lambda n: 0, "edm_dpm++_sde": lambda n: 2 * (n - 1),
+    "edm_dpm++_2m_sde": lambda n: n - 1, "edm_dpm++_3m_sde": lambda n: n - 1,
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_draw_pattern_and_progress(name):
+    assert set(DRAWS) == set(SAMPLERS)
+    for steps in (4, 10):  # (ddim makes more than n steps when 1000 % n != 0)
+        seen = []
+        z, noise = _fake_run(name, steps=steps, on_step=lambda i, n: seen.append((i, n)))
+        assert torch.isfinite(z).all()
+        assert noise.draws == 1 + DRAWS[name](steps)
+        assert seen == [(i, steps) for i in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize("name, draws", [("edm_dpm++_2m_sde", 0), ("edm_dpm++_3m_sde", 0), ("edm_dpm++_sde", 6),
+                                         ("edm_euler_a", 3), ("edm_euler", 4)])
+def test_eta_zero_draws(name, draws):
+    """eta = 0: the 2M/3M SDE solvers stop drawing; DPM++ SDE and the ancestral ones still draw (x 0)."""
+    _, noise = _fake_run(name, eta=0.0)
+    assert noise.draws == 1 + draws
+
+
+def test_churn_changes_euler_but_not_the_draw_count():
+    a, na = _fake_run("edm_euler", steps=6)
+    b, nb = _fake_run("edm_euler", steps=6, s_churn=3.0)
+    assert na.draws == nb.draws == 7 and not torch.allclose(a, b)
+
+
+def test_identity_x0_hook_changes_nothing_and_sees_every_prediction():
+    for name, family, evals in (("spaced", "spaced", 4), ("ddim", "ddim", 4), ("dpm++_m2", "dpm_solver", 4),
+                                ("edm_heun", "edm", 7), ("edm_dpm++_3m_sde", "edm", 4)):
+        seen = []
+
+        def hook(x0, ctx):
+            seen.append(ctx)
+            return x0
+
+        plain, _ = _fake_run(name)
+        hooked, _ = _fake_run(name, x0_hook=hook)
+        assert torch.equal(plain, hooked), name
+        assert len(seen) == evals and all(c.family == family and c.total == 4 for c in seen), name
+        assert [c.step for c in seen if c.substep == 0] == [0, 1, 2, 3], name
+        assert all(math.isfinite(c.coefficient) and 0 <= c.alpha_cumprod <= 1 for c in seen), name
+        assert seen[0].model_t > seen[-1].model_t, name
+    # spaced: v2 guidance divides by posterior_mean_coef1, which is 1 on the final step (t = 0)
+    seen = []
+    _fake_run("spaced", x0_hook=lambda x0, ctx: seen.append(ctx) or x0)
+    assert [c.model_t for c in seen] == [999, 666, 333, 0] and seen[-1].coefficient == 1.0
+    assert [c.index for c in seen] == [3, 2, 1, 0]
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_x0_hook_steers_every_sampler(name):
+    """Replacing x0 by a constant pulls the final latent toward that constant in every family."""
+    target = torch.full((1, 4, 6, 10), 0.25)
+    base, _ = _fake_run(name, par="eps", steps=6)
+    steered, _ = _fake_run(name, par="eps", steps=6, x0_hook=lambda x0, ctx: target)
+    assert (steered - target).abs().mean() < (base - target).abs().mean()
+
+
+def test_rescaled_cfg_schedule():
+    assert rescaled_cfg_scale(6.0, 999) == 1.0  # exactly: CFG is then skipped by spaced / ddim
+    assert rescaled_cfg_scale(6.0, 0) == pytest.approx(7.0)
+    assert [round(rescaled_cfg_scale(6.0, t), 2) for t in (399, 299, 199, 99)] == [1.09, 1.41, 2.47, 4.87]
+    gated = GuidedModel(None, None, None, 0.5, rescale=True, gated=True)
+    ungated = GuidedModel(None, None, None, 0.5, rescale=True, gated=False)
+    assert gated.scale_at(100) == 0.5 and ungated.scale_at(100) == pytest.approx(rescaled_cfg_scale(0.5, 100))
+
+
+def test_cfg_one_runs_the_conditional_branch_only():
+    calls = []
+
+    def model(x, t, cond):
+        calls.append(cond)
+        return _fake_model(x, t, cond)
+
+    _fake_run("edm_euler", cfg=1.0, model=model)
+    assert len(calls) == 4 and len({id(c) for c in calls}) == 1
+    calls.clear()
+    _fake_run("edm_euler", cfg=2.0, model=model)
+    assert len(calls) == 8
+
+
+@pytest.mark.parametrize("name", ["spaced", "edm_dpm++_2m", "dpm++_m2"])
+def test_batched_cfg_agrees_with_two_passes(name):
+    a, _ = _fake_run(name, batch_cfg=True)
+    b, _ = _fake_run(name, batch_cfg=False)
+    assert_close_rel(a, b, 1e-5, what=name)
+
+
+def test_tiled_model_blends_windows_and_skips_small_latents():
+    cond = ControlCondition(torch.zeros(1, 5, 3), torch.randn(1, 4, 8, 22))
+    x, t = torch.randn(1, 4, 8, 22), torch.tensor([500])
+    pointwise = lambda x, t, c: 2 * x + c.c_img  # noqa: E731 - a per-pixel model is unchanged by tiling
+    assert_close_rel(TiledModel(pointwise, 8, 4)(x, t, cond), pointwise(x, t, cond), 1e-6)
+    small = ControlCondition(cond.c_txt, cond.c_img[..., :6, :6])
+    assert torch.equal(TiledModel(pointwise, 8, 4)(x[..., :6, :6], t, small), pointwise(x[..., :6, :6], t, small))
+
+
+def test_bad_settings_are_usage_errors():
+    for kw in ({"steps": 0}, {"eta": -1.0}, {"s_churn": -0.5}, {"order": 0}, {"s_noise": math.nan}):
+        with pytest.raises(UsageError):
+            _fake_run("edm_euler", **kw)
+    with pytest.raises(UsageError, match="--sampler"):
+        _fake_run("euler")
+    with pytest.raises(UsageError, match="ddim"):
+        _fake_run("ddim", steps=3)
