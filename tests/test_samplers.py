@@ -41,16 +41,17 @@ class RecordingNoise(GeneratorNoise):
 
 
 @pytest.fixture(scope="module")
-def tiny(reference_dir):
-    """Per parameterization: (sampler model, training schedule), loaded once."""
+def stage2(reference_dir):
+    """Per parameterization: the tiny Stage2Models, loaded once."""
     from restorecli.models.stage2 import load_stage2
 
-    out = {}
-    for par in PARS:
-        desc = load_model_description(reference_dir / f"model_{par}.json")
-        models = load_stage2(desc, use_cache=False)
-        out[par] = (ControlledModel(models.controlled_unet()), NoiseSchedule.from_spec(desc.diffusion))
-    return out
+    return {par: load_stage2(load_model_description(reference_dir / f"model_{par}.json"), use_cache=False) for par in PARS}
+
+
+@pytest.fixture(scope="module")
+def tiny(stage2):
+    """Per parameterization: (sampler model, training schedule)."""
+    return {par: (ControlledModel(m.controlled_unet()), NoiseSchedule.from_spec(m.diffusion)) for par, m in stage2.items()}
 
 
 def _golden_run(reference_dir, tiny, par, name, **overrides):
@@ -259,3 +260,57 @@ def test_bad_settings_are_usage_errors():
         _fake_run("euler")
     with pytest.raises(UsageError, match="ddim"):
         _fake_run("ddim", steps=3)
+
+
+def test_start_point_and_noise_augmentation_draw_order():
+    from restorecli.diffusion.start import augment_condition, initial_latent
+
+    schedule = NoiseSchedule.from_spec(DiffusionSpec())
+    c_img = torch.full((1, 4, 2, 3), 0.4)
+    noise = GeneratorNoise.from_seed(5)
+    x_T = initial_latent((1, 4, 2, 3), noise=noise, schedule=schedule, start_point="cond", c_img=c_img)
+    c_aug = augment_condition(c_img, 200, noise=noise, schedule=schedule)
+    ref = torch.Generator().manual_seed(5)
+    z1, z2 = (torch.randn((1, 4, 2, 3), generator=ref) for _ in range(2))
+    assert torch.equal(x_T, schedule.q_sample(c_img, 999, z1))
+    assert torch.equal(c_aug, schedule.q_sample(c_img, 200, z2))
+    assert augment_condition(c_img, 0, noise=noise, schedule=schedule) is c_img and noise.draws == 2
+    zsnr = NoiseSchedule.from_spec(DiffusionSpec(parameterization="v", zero_snr=True))
+    n1, n2 = GeneratorNoise.from_seed(3), GeneratorNoise.from_seed(3)
+    assert torch.equal(initial_latent((1, 4, 2, 3), noise=n1, schedule=zsnr, start_point="cond", c_img=c_img),
+                       initial_latent((1, 4, 2, 3), noise=n2, schedule=zsnr))
+    with pytest.raises(UsageError):
+        initial_latent((1, 4, 2, 3), noise=n1, schedule=zsnr, start_point="latent")
+
+
+def test_x0_hook_reproduces_the_v2_latent_guidance_run(reference_dir, stage2, tiny):
+    """The hook sits where the v2-era spaced sampler applies restoration guidance (PIPELINE.md 7.2).
+
+    golden/guidance.safetensors run1: MSE in latent space, scale 0.05, every step, one repeat; the target
+    latent is a posterior SAMPLE drawn from the run's generator before that step's sampler draw.
+    """
+    from restorecli.models.cldm import encode_prompt, vae_encode
+
+    golden, meta = load_golden(reference_dir, "guidance")
+    run = json.loads(meta["runs"])["run1"]
+    assert (run["loss"], run["space"], run["repeat"]) == ("mse", "latent", 1)
+    models = stage2["eps"]
+    model, schedule = tiny["eps"]
+    target = golden["run/cond_img_u8"].float() / 255 * 2 - 1
+    c_img = vae_encode(models, target)
+    c_txt, c_neg = encode_prompt(models, [meta["prompt"]]), encode_prompt(models, [meta["neg_prompt"]])
+    noise = GeneratorNoise.from_seed(run["seed"])
+    x_T = noise.randn((1, 4, 8, 12))
+
+    def guidance(x0, ctx):
+        if not run["stop"] < ctx.model_t + 1 < run["start"]:
+            return x0
+        posterior = models.vae.encode(target).latent_dist
+        tgt = (posterior.mean + posterior.std * noise(posterior.mean)) * models.latent_scale_factor
+        grad = 2 * (x0 - tgt) / x0[0].numel()  # d/dx0 of mean((x0 - tgt)^2)
+        return x0 - grad * run["scale"] * 3000 / ctx.coefficient
+
+    z = sample("spaced", model, x_T, schedule=schedule, steps=4, cfg=float(meta["cfg"]), noise=noise,
+               cond=ControlCondition(c_txt, c_img), uncond=ControlCondition(c_neg, c_img), x0_hook=guidance)
+    assert noise.draws == len(run["labels"]) == 9
+    assert_close_rel(z, golden["run1/z"], 1e-4, what="guided z")
