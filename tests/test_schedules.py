@@ -87,7 +87,8 @@ def test_zero_snr_facts(schedules):
     acp = schedules["v"].alphas_cumprod
     assert acp[-1] == 0 and schedules["v"].betas[-1] == 1
     assert acp[-2] == pytest.approx(1.97e-7, rel=1e-2)
-    assert np.sqrt((1 - schedules["eps"].alphas_cumprod[-1]) / schedules["eps"].alphas_cumprod[-1]) == pytest.approx(14.6146, abs=1e-4)
+    acp_eps = schedules["eps"].alphas_cumprod[-1]
+    assert np.sqrt((1 - acp_eps) / acp_eps) == pytest.approx(14.6146, abs=1e-4)
 
 
 def test_every_golden_tensor_is_checked(golden, schedules):

@@ -27,7 +27,8 @@ class ControlCondition:
     def cat(self, other: "ControlCondition") -> "ControlCondition":
         if other.control_scale != self.control_scale:
             raise ValueError("cannot batch conditions with different control strengths")
-        return ControlCondition(torch.cat([self.c_txt, other.c_txt]), torch.cat([self.c_img, other.c_img]), self.control_scale)
+        c_txt, c_img = torch.cat([self.c_txt, other.c_txt]), torch.cat([self.c_img, other.c_img])
+        return ControlCondition(c_txt, c_img, self.control_scale)
 
     def crop(self, top: int, bottom: int, left: int, right: int) -> "ControlCondition":
         return replace(self, c_img=self.c_img[..., top:bottom, left:right])

@@ -79,4 +79,5 @@ class EDMDenoiser:
         index = int((sigmas.to(sigma.device) - sigma[0]).abs().argmin())
         target = float(sigmas[min(step + 1, len(sigmas) - 1)])
         total = len(sigmas) - 1
-        return X0HookContext("edm", step, total, self._substep, index, float(model_t[0]), 1.0 / (1.0 + s * s), 1.0 - target / s, x)
+        acp, coefficient = 1.0 / (1.0 + s * s), 1.0 - target / s
+        return X0HookContext("edm", step, total, self._substep, index, float(model_t[0]), acp, coefficient, x)

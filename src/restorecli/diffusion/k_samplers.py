@@ -58,7 +58,11 @@ def _to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch
 
 
 def _ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float):
-    """(sigma_down, sigma_up) of an ancestral step: sigma_up = min(sigma_to, eta sqrt(s_to^2 (s_from^2 - s_to^2) / s_from^2))."""
+    """(sigma_down, sigma_up) of an ancestral step.
+
+    sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2)),
+    sigma_down = sqrt(sigma_to^2 - sigma_up^2).
+    """
     if not eta:
         return sigma_to, 0.0
     sigma_up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)

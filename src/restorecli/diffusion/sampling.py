@@ -120,8 +120,9 @@ def sample(
     model call (when ``cond`` offers ``cat``), False in two calls; None (default) does what upstream does
     (batched for ddim / dpm++_m2, two calls for spaced / edm_*), which reproduces the official runs
     bit for bit on CPU. Batching is faster but changes kernel rounding, which the blown-up tiny-model
-    runs of edm_heun / edm_dpm_2 / edm_dpm_2_a amplify to ~4e-3 relative. EDM samplers scale x_T by sqrt(1 + sigma_max^2) themselves. Knob defaults are
-    the official CLI's (s_tmax 300, eta 1, order 1); DDIM ignores eta as upstream does.
+    runs of edm_heun / edm_dpm_2 / edm_dpm_2_a amplify to ~4e-3 relative. EDM samplers scale x_T by
+    sqrt(1 + sigma_max^2) themselves. Knob defaults are the official CLI's (s_tmax 300, eta 1, order 1);
+    DDIM ignores eta as upstream does.
     """
     spec = _check(name, steps, s_churn, s_noise, eta, order)
     if isinstance(noise, torch.Generator):
