@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Converted-weight caches, locks and downloads of the test session go to a throwaway folder, never to
+# the user's ~/.cache/restorecli. Tests that need their own folder monkeypatch RESTORE_HOME again.
+os.environ["RESTORE_HOME"] = tempfile.mkdtemp(prefix="restorecli-tests-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RESTORE_SHARED_DIR", REPO.parent / "shared"))

@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: map library errors to one stderr line and an exit code."""
     # Pillow's DecompressionBombWarning would print a stray line; imageio turns bombs into InputError.
     warnings.filterwarnings("ignore", message=".*decompression bomb", module="PIL")
+    # spandrel's SwinIR calls torch.meshgrid without `indexing`; torch warns on every load.
+    warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release")
     try:
         code = app(args=argv, standalone_mode=False, prog_name="restore")
         return code if isinstance(code, int) else 0

@@ -41,6 +41,11 @@ class Output:
         if hint:
             self.err.print(f"hint: {hint}", markup=False, style="dim")
 
+    def step_progress(self, label: str):
+        """A context manager yielding an `on_step(done, total)` callback that draws a rich bar on stderr
+        (only on a terminal, and not with --quiet); otherwise the callback does nothing."""
+        return _StepProgress(self, label)
+
     # -- stdout ---------------------------------------------------------------------------
     def result(self, text: str) -> None:
         """A plain result line for scripts (e.g. `restore weights path NAME`)."""
@@ -63,3 +68,31 @@ def setup_logging(level: int) -> None:
     logger.addHandler(handler)
     logger.propagate = False
     logger.setLevel({QUIET: logging.ERROR, NORMAL: logging.WARNING, VERBOSE: logging.DEBUG}[level])
+
+
+class _StepProgress:
+    def __init__(self, output: Output, label: str):
+        self.output = output
+        self.label = label
+        self.progress = None
+        self.task = None
+
+    def __enter__(self):
+        if self.output.level >= NORMAL and self.output.err.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=self.output.err, transient=True,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=None)
+        return self.on_step
+
+    def on_step(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -1,0 +1,136 @@
+"""RestoreOptions -> a loaded DiffBIRPipeline: device and precision, weights, cleaner, stage-2 models.
+
+Weights are resolved (found, verified, downloaded) before anything is loaded, so a missing file ends
+the run within seconds with one clear line (exit 2), not after minutes of model loading.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import SetupError, UsageError
+from .options import RestoreOptions
+
+log = logging.getLogger("restorecli.loading")
+
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available, else mps if available, else cpu. An unavailable choice is a usage error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("`--device cuda`: no CUDA device is available here; use --device cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("`--device mps`: MPS is not available here; use --device cpu")
+    return device
+
+
+def resolve_dtype(precision: str | None, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA, fp32 elsewhere, unless `--precision` says otherwise (half precision on the CPU is refused)."""
+    if precision is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtype = PRECISION_DTYPES[precision]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise UsageError("`--precision fp16` needs a GPU; on the CPU use fp32 (or bf16)")
+    return dtype
+
+
+def load_pipeline(
+    opts: RestoreOptions,
+    *,
+    dtype: torch.dtype | None = None,
+    progress: Callable | None = None,
+):
+    """Build the pipeline `opts` describe. Raises UsageError / SetupError / WeightsError (exit 2)."""
+    from . import weights
+    from .models.configs import full_size_description
+    from .models.description import load_model_description
+    from .models.stage1 import load_cleaner
+    from .pipeline import DiffBIRPipeline
+    from .stage1 import plan_for_cleaner, stage1_plan
+
+    opts = opts.resolve()
+    if opts.task == "unaligned_face":
+        raise UsageError("--task unaligned_face (whole images with faces) is not supported yet; use sr, denoise or face")
+    device = resolve_device(opts.device)
+    dtype = dtype or resolve_dtype(opts.precision, device)
+    version = opts.version
+
+    # 1. Find every file first (fast failure), then load.
+    description = None
+    if version == "custom":
+        description = load_model_description(opts.model)
+        if description.cleaner is None and opts.cleaner is None:
+            raise SetupError(f"{opts.model}: the description has no cleaner; pass --cleaner")
+        if description.cldm is None and not opts.stage1_only:
+            raise SetupError(f"{opts.model}: the description has no stage-2 (cldm) section; use --stage1-only")
+        _require_files(description, opts)
+        plan = stage1_plan("custom", opts.task)
+        cleaner_source = description.cleaner
+    else:
+        plan = stage1_plan(version, opts.task)
+        wiring = weights.wiring(version, opts.task)
+        cleaner_source = None if opts.cleaner else weights.resolve(wiring["cleaner"], weights_dir=opts.weights_dir, progress=progress)
+        if not opts.stage1_only:
+            sd = weights.resolve(wiring["sd"], weights_dir=opts.weights_dir, progress=progress)
+            controlnet = weights.resolve(wiring["controlnet"], weights_dir=opts.weights_dir, progress=progress)
+            tokenizer = weights.tokenizer_dir(weights_dir=opts.weights_dir, progress=progress)
+            description = full_size_description(version, sd_checkpoint=sd, controlnet_checkpoint=controlnet, tokenizer=tokenizer)
+
+    if opts.cleaner:
+        cleaner_source = _cleaner_file(opts.cleaner, opts.weights_dir, progress)
+
+    # 2. Stage 1
+    cleaner = load_cleaner(cleaner_source, device=device, dtype=dtype, name=_cleaner_name(cleaner_source))
+    stage1_pipeline = plan.pipeline if not opts.cleaner else plan_for_cleaner(cleaner).pipeline
+
+    # 3. Stage 2
+    if opts.stage1_only:
+        return DiffBIRPipeline(cleaner=cleaner, stage1_pipeline=stage1_pipeline)
+    from .models.stage2 import load_stage2
+
+    models = load_stage2(description, device=device, dtype=dtype)
+    return DiffBIRPipeline.from_stage2_models(models, cleaner=cleaner, stage1_pipeline=stage1_pipeline)
+
+
+def _require_files(description, opts: RestoreOptions) -> None:
+    paths = []
+    if description.cleaner is not None and opts.cleaner is None:
+        paths.append(description.cleaner.checkpoint)
+    if description.cldm is not None and not opts.stage1_only:
+        paths += [description.cldm.sd_checkpoint, description.cldm.controlnet_checkpoint]
+        if description.tokenizer is not None:
+            paths.append(description.tokenizer)
+    for path in paths:
+        if not Path(path).exists():
+            raise SetupError(f"{description.path}: {path} does not exist")
+
+
+def _cleaner_file(choice: str, weights_dir, progress) -> Path:
+    """--cleaner: a pinned cleaner name (weights.toml) or a model file spandrel can load."""
+    from . import weights
+
+    path = Path(choice).expanduser()
+    if path.exists():
+        return path
+    try:
+        weights.get_entry(choice)
+    except UsageError:
+        raise UsageError(f"`--cleaner {choice}`: no such file, and not a pinned cleaner name (see `restore weights list`)") from None
+    return weights.resolve(choice, weights_dir=weights_dir, progress=progress)
+
+
+def _cleaner_name(source) -> str | None:
+    checkpoint = getattr(source, "checkpoint", source)
+    return Path(checkpoint).name if checkpoint is not None else None

@@ -1,0 +1,389 @@
+"""`DiffBIRPipeline`: DiffBIR's two-stage restoration as a diffusers pipeline.
+
+    from restorecli import DiffBIRPipeline
+    pipe = DiffBIRPipeline.from_version("v2.1")             # or .from_description("my_model.json")
+    out = pipe(image, upscale=4, seed=231)                   # image: PIL, HWC uint8/uint16 array
+    out.images[0]                                            # HWC float32 in [0, 1] (output_type="np")
+
+`__call__` follows the official inference (DiffBIR HEAD `diffbir/pipeline.py Pipeline.run` and
+`apply_cldm`; PIPELINE.md 2-9) step by step: check inputs -> stage 1 -> encode the condition -> encode
+the prompts -> prepare the latents -> denoise -> decode -> colour fix -> postprocess. Each step is one
+method. Randomness: one CPU generator per image (`seed`): x_T first, then noise augmentation, then every
+draw the sampler makes, each drawn on the CPU and moved to the device (DESIGN.md, "Seeds").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from .colorfix import color_fix as apply_color_fix
+from .diffusion.conditioning import ControlCondition, ControlledModel
+from .diffusion.noise import GeneratorNoise
+from .diffusion.sampling import sample
+from .diffusion.schedules import NoiseSchedule
+from .errors import UsageError
+from .models.cldm import ControlledUNet, encode_prompt, vae_decode, vae_encode
+from .models.description import DiffusionSpec
+from .models.stage1 import Cleaner
+from .options import COLOR_FIXES, SAMPLERS, START_POINTS
+from .stage1 import Stage1Result, pad_to_multiple, resize_to, run_stage1, stage1_only_output
+
+log = logging.getLogger("restorecli.pipeline")
+
+#: Latent downsampling of the SD VAE.
+VAE_SCALE = 8
+#: Untiled, the condition is zero-padded to a multiple of 64 (PIPELINE.md 2.4).
+PAD_UNTILED = 64
+#: With tiled sampling, upstream pads to a multiple of 8 only (PIPELINE.md 2.4, 10.11).
+PAD_TILED = 8
+
+
+@dataclass
+class DiffBIROutput(BaseOutput):
+    """`images`: the restored images (output_type "np": HWC float32 in [0, 1], unclamped values are
+    clipped; "pt": NCHW float32, unclamped; "pil": PIL images, 8-bit with the official truncation).
+    `stage1`: the stage-1 (condition) images at the output size, same type. `seeds`: the seed of each."""
+
+    images: Any
+    stage1: Any = None
+    seeds: list[int] = field(default_factory=list)
+    guidance_maps: Any = None
+
+
+@dataclass
+class StageTwoInputs:
+    """What stage 2 needs of one image, with the sizes the official crops use (PIPELINE.md 2.4)."""
+
+    cond_img: torch.Tensor  # (1, 3, h0, w0), the unpadded stage-1 output
+    c_img: torch.Tensor  # (1, 4, h2, w2) condition latent (padded)
+    latent_size: tuple[int, int]  # (h1, w1): the latent of the padded condition, before latent padding
+    tile: tuple[int, int] | None  # latent (size, stride) when tiled sampling is on
+
+
+class DiffBIRPipeline(DiffusionPipeline):
+    """DiffBIR: stage 1 (a cleaner: SwinIR, BSRNet, SCUNet, any spandrel model) removes the degradation,
+    stage 2 (IRControlNet on Stable Diffusion 2.1) regenerates detail conditioned on its VAE latent.
+
+    Components: `unet` (diffusers UNet2DConditionModel), `controlnet` (`IRControlNetModel`), `vae`
+    (AutoencoderKL), `text_encoder` (CLIPTextModel, penultimate layer), `tokenizer` (CLIPTokenizer).
+    `cleaner` (a `restorecli.models.stage1.Cleaner`) is held as a plain attribute; stage-2 components may
+    be None for a stage-1-only pipeline.
+    """
+
+    model_cpu_offload_seq = "text_encoder->controlnet->unet->vae"
+
+    def __init__(
+        self,
+        unet=None,
+        controlnet=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        *,
+        cleaner: Cleaner | None = None,
+        stage1_pipeline: str | None = None,
+        diffusion: DiffusionSpec | None = None,
+        latent_scale_factor: float = 0.18215,
+    ):
+        super().__init__()
+        self.register_modules(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.cleaner = cleaner
+        self.stage1_pipeline = stage1_pipeline
+        self.diffusion = diffusion or DiffusionSpec()
+        self.latent_scale_factor = float(latent_scale_factor)
+        self.schedule = NoiseSchedule.from_spec(self.diffusion)
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def from_stage2_models(cls, models, *, cleaner: Cleaner | None = None, stage1_pipeline: str | None = None):
+        """Wrap `restorecli.models.stage2.Stage2Models` (and a cleaner) in a pipeline."""
+        return cls(
+            unet=models.unet,
+            controlnet=models.controlnet,
+            vae=models.vae,
+            text_encoder=models.text_encoder,
+            tokenizer=models.tokenizer,
+            cleaner=cleaner,
+            stage1_pipeline=stage1_pipeline,
+            diffusion=models.diffusion,
+            latent_scale_factor=models.latent_scale_factor,
+        )
+
+    @classmethod
+    def from_description(cls, path, *, device="cpu", dtype=torch.float32, stage1_only: bool = False, **kwargs):
+        """A pipeline from a `restorecli-model/1` JSON file (see `../shared/reference/model_v.json`)."""
+        from .loading import load_pipeline
+        from .options import RestoreOptions
+
+        opts = RestoreOptions(model=str(path), device=str(device), stage1_only=stage1_only, **kwargs)
+        return load_pipeline(opts, dtype=dtype)
+
+    @classmethod
+    def from_version(cls, version: str = "v2.1", *, task: str = "sr", device="auto", stage1_only: bool = False, **kwargs):
+        """A pipeline of a pinned version (v1, v2, v2.1) and task; downloads the pinned weights if needed."""
+        from .loading import load_pipeline
+        from .options import RestoreOptions
+
+        opts = RestoreOptions(model=version, task=task, device=str(device), stage1_only=stage1_only, **kwargs)
+        return load_pipeline(opts)
+
+    @property
+    def has_stage2(self) -> bool:
+        return self.unet is not None and self.controlnet is not None and self.vae is not None
+
+    # ------------------------------------------------------------------------------------------------
+    # the call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        *,
+        upscale: float = 4.0,
+        stage1_only: bool = False,
+        prompt: str = "",
+        negative_prompt: str = "",
+        sampler: str = "edm_dpm++_3m_sde",
+        steps: int = 10,
+        cfg: float = 6.0,
+        rescale_cfg: bool = False,
+        strength: float = 1.0,
+        start_point: str = "noise",
+        noise_aug: int = 0,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = 300.0,
+        s_noise: float = 1.0,
+        eta: float = 1.0,
+        order: int = 1,
+        seed: int = 231,
+        color_fix: str = "wavelet",
+        guidance: float = 0.0,
+        guidance_loss: str = "w_mse",
+        guidance_space: str = "latent",
+        guidance_start: int = 1001,
+        guidance_stop: int = -1,
+        guidance_repeat: int = 1,
+        tile_size: int | None = None,
+        tile_stride: int | None = None,
+        cleaner_tile_size: int | None = None,
+        cleaner_tile_stride: int | None = None,
+        max_memory: int | None = None,
+        output_type: str = "np",
+        on_step: Callable[[int, int], None] | None = None,
+        source: str | None = None,
+    ) -> DiffBIROutput:
+        """Restore one image (PIL image, or HWC RGB uint8/uint16/float array).
+
+        Defaults are the official command line's (HEAD); `restorecli.options` has each version's.
+        `tile_size`/`tile_stride` (pixels) turn on the official tiled sampling; `cleaner_tile_*` the
+        official tiled stage 1. `on_step(done, total)` reports sampling progress. `source` names the
+        image in error messages.
+        """
+        # 1. Check inputs
+        rgb = self.check_inputs(
+            image, sampler=sampler, steps=steps, cfg=cfg, strength=strength, start_point=start_point,
+            noise_aug=noise_aug, color_fix=color_fix, guidance=guidance, tile_size=tile_size,
+            tile_stride=tile_stride, output_type=output_type, stage1_only=stage1_only,
+        )
+        # 2. Stage 1: the clean but smooth condition image I_reg (>= 512 short side)
+        stage1 = self.run_stage1(
+            rgb, upscale=upscale, tile_size=cleaner_tile_size, tile_stride=cleaner_tile_stride,
+            max_memory=max_memory, source=source,
+        )
+        if stage1_only:
+            result = stage1_only_output(stage1)
+            return DiffBIROutput(images=self.postprocess(result, output_type), seeds=[seed])
+
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        noise = GeneratorNoise(generator)
+        # 3. Encode the condition (pad, VAE-encode the posterior mode, pad the latent)
+        inputs = self.encode_condition(stage1.cond_img, tile_size=tile_size, tile_stride=tile_stride)
+        # 4. Encode the prompts
+        c_txt = self.encode_prompt(prompt)
+        c_txt_neg = self.encode_prompt(negative_prompt)
+        # 5. Prepare the latents: x_T (or the noised condition), then noise augmentation
+        x_T, c_img = self.prepare_latents(inputs.c_img, noise, start_point=start_point, noise_aug=noise_aug)
+        # 6. Denoise
+        z = self.denoise(
+            x_T, ControlCondition(c_txt, c_img, strength), ControlCondition(c_txt_neg, c_img, strength),
+            sampler=sampler, steps=steps, cfg=cfg, rescale_cfg=rescale_cfg, noise=noise, tile=inputs.tile,
+            knobs={"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise, "eta": eta, "order": order},
+            on_step=on_step,
+        )
+        # 7. Decode (crop the latent and the image back to the unpadded sizes)
+        decoded = self.decode(z, inputs)
+        # 8. Colour fix toward the stage-1 image, then resize to the output size
+        restored = self.color_correct(decoded, inputs.cond_img, color_fix, stage1.output_size)
+        # 9. Postprocess
+        return DiffBIROutput(
+            images=self.postprocess(restored, output_type),
+            stage1=self.postprocess(stage1_only_output(stage1), output_type),
+            seeds=[int(seed)],
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # the steps
+
+    def check_inputs(self, image, *, sampler, steps, cfg, strength, start_point, noise_aug, color_fix,
+                     guidance, tile_size, tile_stride, output_type, stage1_only) -> np.ndarray:
+        """Validate everything before any tensor work; return the image as an HWC RGB array."""
+        if self.cleaner is None:
+            raise UsageError("this pipeline has no stage-1 cleaner")
+        if not stage1_only and not self.has_stage2:
+            raise UsageError("this pipeline was loaded for stage 1 only; load it without stage1_only to run stage 2")
+        if sampler not in SAMPLERS:
+            raise UsageError(f"`sampler` must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+        if int(steps) < 1:
+            raise UsageError(f"`steps` must be >= 1, got {steps}")
+        if cfg < 0:
+            raise UsageError(f"`cfg` must be >= 0, got {cfg}")
+        if not 0 <= strength <= 10:
+            raise UsageError(f"`strength` must be in [0, 10], got {strength}")
+        if start_point not in START_POINTS:
+            raise UsageError(f"`start_point` must be one of {', '.join(START_POINTS)}; got {start_point!r}")
+        if not 0 <= int(noise_aug) < self.schedule.num_timesteps:
+            raise UsageError(f"`noise_aug` must be in [0, {self.schedule.num_timesteps - 1}], got {noise_aug}")
+        if color_fix not in COLOR_FIXES:
+            raise UsageError(f"`color_fix` must be one of {', '.join(COLOR_FIXES)}; got {color_fix!r}")
+        if guidance < 0:
+            raise UsageError(f"`guidance` must be >= 0, got {guidance}")
+        if guidance > 0:
+            raise UsageError("restoration guidance (`guidance` > 0) is not available yet")
+        if tile_size is not None and (tile_size <= 0 or tile_size % 64):
+            raise UsageError(f"`tile_size` must be a positive multiple of 64, got {tile_size}")
+        if tile_stride is not None and (tile_size is None or not 0 < tile_stride <= tile_size):
+            raise UsageError(f"`tile_stride` must be in (0, tile_size], got {tile_stride}")
+        if output_type not in ("np", "pt", "pil"):
+            raise UsageError(f"`output_type` must be np, pt or pil; got {output_type!r}")
+        return _as_rgb_array(image)
+
+    def run_stage1(self, rgb: np.ndarray, *, upscale: float, tile_size=None, tile_stride=None,
+                   max_memory=None, source=None) -> Stage1Result:
+        """Stage 1 as the official pipelines run it (see `restorecli.stage1`)."""
+        return run_stage1(
+            rgb, self.cleaner, upscale=upscale, pipeline=self.stage1_pipeline, tile_size=tile_size,
+            tile_stride=tile_stride, max_memory=max_memory, source=source,
+        )
+
+    def encode_condition(self, cond_img: torch.Tensor, *, tile_size=None, tile_stride=None) -> StageTwoInputs:
+        """Pad, encode and pad again as `Pipeline.apply_cldm` (PIPELINE.md 2.4, 4.1).
+
+        Untiled: zero-pad the image to a multiple of 64, `c_img = mode(q(z | 2x - 1)) * scale`, pad the
+        latent to a multiple of 8 (a no-op then). With `tile_size`: pad to 8 only; tiles of
+        tile_size/8 latent pixels with stride tile_stride/8, unless the latent is smaller than a tile
+        (then untiled, with the latent zero-padded to 8 - upstream's rule, kept for parity).
+        """
+        cond_img = cond_img.float()
+        padded = pad_to_multiple(cond_img, PAD_TILED if tile_size else PAD_UNTILED)
+        c_img = vae_encode(self._stage2(), padded * 2 - 1).float()
+        h1, w1 = c_img.shape[-2:]
+        tile = None
+        if tile_size:
+            size = tile_size // VAE_SCALE
+            stride = (tile_stride or tile_size // 2) // VAE_SCALE
+            if h1 >= size and w1 >= size:
+                tile = (size, max(1, stride))
+        if tile is None:
+            c_img = pad_to_multiple(c_img, 8)
+        return StageTwoInputs(cond_img=cond_img, c_img=c_img, latent_size=(h1, w1), tile=tile)
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """(1, 77, D) penultimate-layer OpenCLIP embedding; cached per prompt for the pipeline's life."""
+        if prompt not in self._prompt_cache:
+            self._prompt_cache[prompt] = encode_prompt(self._stage2(), [prompt]).float()
+        return self._prompt_cache[prompt]
+
+    def prepare_latents(self, c_img: torch.Tensor, noise: GeneratorNoise, *, start_point: str, noise_aug: int):
+        """Draw #1: x_T = randn (or, with start point `cond`, the condition latent noised to t = T-1);
+        draw #2 (noise_aug > 0): the condition latent noised to t = noise_aug, shared by cond and uncond
+        (PIPELINE.md 6.6, 6.7)."""
+        first = noise.randn(c_img.shape, c_img.device)
+        if start_point == "cond":
+            x_T = self.schedule.q_sample(c_img, self.schedule.num_timesteps - 1, first)
+        else:
+            x_T = first
+        if noise_aug > 0:
+            c_img = self.schedule.q_sample(c_img, int(noise_aug), noise.randn(c_img.shape, c_img.device))
+        return x_T, c_img
+
+    def denoise(self, x_T, cond, uncond, *, sampler, steps, cfg, rescale_cfg, noise, tile, knobs, on_step=None, x0_hook=None):
+        model = ControlledModel(ControlledUNet(self.unet, self.controlnet))
+        return sample(
+            sampler, model, x_T, schedule=self.schedule, steps=int(steps), cond=cond, uncond=uncond,
+            cfg=float(cfg), rescale_cfg=rescale_cfg, noise=noise, tile=tile, on_step=on_step,
+            x0_hook=x0_hook, **knobs,
+        )
+
+    def decode(self, z: torch.Tensor, inputs: StageTwoInputs) -> torch.Tensor:
+        """`vae_decode(z[..., :h1, :w1])[..., :h0, :w0]`, no clamp (PIPELINE.md 9.1).
+
+        A half-precision decode that overflows (NaN/inf) is redone in float32, with a warning.
+        """
+        h1, w1 = inputs.latent_size
+        h0, w0 = inputs.cond_img.shape[-2:]
+        z = z[..., :h1, :w1]
+        x = vae_decode(self._stage2(), z)
+        if x.dtype != torch.float32 and not torch.isfinite(x).all():
+            log.warning("the %s VAE decode overflowed; decoding again in float32", str(x.dtype).removeprefix("torch."))
+            vae_dtype = self.vae.dtype
+            self.vae.to(torch.float32)
+            try:
+                x = vae_decode(self._stage2(), z.float())
+            finally:
+                self.vae.to(vae_dtype)
+        return x.float()[..., :h0, :w0]
+
+    def color_correct(self, decoded: torch.Tensor, cond_img: torch.Tensor, kind: str, output_size) -> torch.Tensor:
+        """`color_fix((x + 1) / 2, stage1)` then a bicubic antialiased resize to the output size (PIPELINE.md 9.2)."""
+        x = apply_color_fix(kind, (decoded + 1) / 2, cond_img.to(decoded.device, decoded.dtype))
+        return resize_to(x, output_size)
+
+    @staticmethod
+    def postprocess(x: torch.Tensor, output_type: str):
+        """pt: the float tensor as is; np: HWC float32 clipped to [0, 1]; pil: official 8-bit truncation."""
+        if output_type == "pt":
+            return x
+        if output_type == "np":
+            return [img.permute(1, 2, 0).clamp(0, 1).cpu().numpy() for img in x.float()]
+        from PIL import Image
+
+        u8 = (x.float() * 255).clamp(0, 255).to(torch.uint8)
+        return [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in u8]
+
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def max_length(self) -> int:
+        """Token context length (77); `restorecli.models.cldm` reads it like `Stage2Models.max_length`."""
+        return int(self.text_encoder.config.max_position_embeddings)
+
+    def _stage2(self):
+        """The pipeline offers the attributes `restorecli.models.cldm` functions read off Stage2Models."""
+        return self
+
+
+def _as_rgb_array(image) -> np.ndarray:
+    """PIL image or HWC array -> HWC RGB array (uint8, uint16 or float in [0, 1])."""
+    if hasattr(image, "mode") and hasattr(image, "convert"):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise UsageError(f"`image` must be a PIL image or an HWC RGB array, got shape {arr.shape}")
+    if arr.dtype not in (np.uint8, np.uint16) and not np.issubdtype(arr.dtype, np.floating):
+        raise UsageError(f"`image` must be uint8, uint16 or float, got {arr.dtype}")
+    return arr
