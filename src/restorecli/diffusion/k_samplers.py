@@ -11,8 +11,11 @@ Semantics of crowsonkb/k-diffusion ``k_diffusion/sampling.py`` as vendored by Di
   random initialisation, so its results depend on the captioner, the cleaner architecture, library
   versions, the image's position in the folder and the batch size (PIPELINE.md 10.8); a defect no result
   should depend on. Plain draws keep the marginal distribution of each increment (N(0, 1) after
-  normalisation) and make the seed alone determine the output. (Over one sigma grid the two differ only
-  in how increments of different sub-intervals correlate: not at all for the tree, not at all here.)
+  normalisation) and make the seed alone determine the output; they are what the golden runs and CLI
+  cases of the reference data use. For 2M/3M SDE the tree is queried on disjoint intervals, whose
+  increments are independent anyway, so the joint distribution is unchanged. ``dpmpp_sde`` queries
+  [sigma_i, sigma_mid] and then [sigma_i, sigma_next], which overlap: the tree's two normalised increments
+  are correlated (coefficient sqrt(|sigma_mid - sigma_i| / |sigma_next - sigma_i|)), the plain draws are not.
 
 Quirks kept: euler / heun / dpm_2 draw a noise tensor at the top of EVERY step even when there is no churn
 (it advances the generator); the ancestral solvers draw only while sigma_next > 0 (dpm_2_a: sigma_down != 0);
