@@ -226,7 +226,7 @@ def tiled_forward(
         rows, cols = slice(top * scale, bottom * scale), slice(left * scale, right * scale)
         out[..., rows, cols] += y * weights
         count[..., rows, cols] += weights
-    return out / count
+    return out.div_(count)
 
 
 # -- the pipelines -----------------------------------------------------------------------------------------
