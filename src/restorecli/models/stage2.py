@@ -291,7 +291,8 @@ def load_stage2(
     or a bare :class:`CLDMSpec` plus ``tokenizer`` (folder) and optionally ``diffusion`` (default eps).
     ``cache_dir``: where converted weights are kept (default: ``restorecli.weights.cache_dir("converted")``,
     i.e. ``<weights home>/cache/converted``); ``use_cache=False`` converts in memory only.
-    Weights load in ``dtype`` (all four models; see the README for the fp16 notes) on ``device``.
+    Weights load in ``dtype`` (all four models; cast a part afterwards, e.g. ``models.vae.to(torch.float32)``,
+    to run it in another precision) on ``device``.
     """
     if isinstance(description_or_spec, ModelDescription):
         desc = description_or_spec
