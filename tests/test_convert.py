@@ -224,3 +224,15 @@ def test_aligned_safetensors_are_standard_and_aligned(tmp_path):
     assert loaded.keys() == tensors.keys()
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     assert all(v.data_ptr() % cv.ALIGN == 0 for v in loaded.values())
+
+
+def test_unsupported_description_names_the_file(reference_dir, tokenizer_dir, tmp_path):
+    raw = json.loads((reference_dir / "model_v.json").read_text())
+    raw["cldm"]["params"]["unet_cfg"]["resblock_updown"] = True
+    raw["tokenizer"] = str(tokenizer_dir)
+    for key in ("sd_checkpoint", "controlnet_checkpoint"):
+        raw["cldm"][key] = str(reference_dir / raw["cldm"][key])
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(SetupError, match=r"custom\.json: unet_cfg\.resblock_updown=True is not supported"):
+        stage2.load_stage2(load_model_description(path), use_cache=False)

@@ -81,7 +81,8 @@ class ControlledUNet(nn.Module):
 
     Inputs may be batched (B=2 for cond+uncond); ``c_img`` / ``c_txt`` with batch 1 are broadcast.
     ``t``: long or float (fractional DPM-Solver times), a scalar, shape (1,) or (B,).
-    The networks run in their own dtype; the output comes back in ``x_t``'s dtype.
+    Inputs are cast to the dtype/device of the UNet's first parameter (``conv_in``) and the output
+    comes back in ``x_t``'s dtype, so samplers can keep fp32 latents around a half-precision network.
     """
 
     def __init__(self, unet: nn.Module, controlnet: IRControlNetModel):
