@@ -1,17 +1,24 @@
-"""Restore a list of files: plan outputs, refuse unsafe writes, load the models once, run each image,
-report per file (stderr lines, or JSON lines on stdout), and return the exit code.
+"""Restore images one by one: the per-file steps (read -> model -> write) and `restore IMAGE...`.
+
+`restore_files` plans outputs, refuses unsafe writes, then hands the files to the same loop as
+`restore batch` (`restorecli.batch.run_batch`: models loaded once, I/O overlapped with the model,
+per-file failures reported and the run goes on) and reports each file (stderr lines, or JSON lines on
+stdout). It returns the exit code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
-from .errors import InputError, OutputError, RestoreError
+from .errors import RestoreError, UsageError
 from .options import RestoreOptions
-from .outputs import STDIO, OutputPlan, check_output, plan_outputs
+from .outputs import STDIO, OutputPlan, check_output, is_directory_target, plan_outputs
 from .ui import Output
 
 
@@ -48,24 +55,70 @@ class FileResult:
         }
 
 
-def restore_image(pipe, plan: OutputPlan, opts: RestoreOptions, *, overwrite: bool, fmt: str | None, quality: int,
-                  on_step=None) -> FileResult:
-    """Read -> restore -> write one image. InputError / OutputError propagate for the caller to report."""
-    from .imageio import from_float, read_image, resize_alpha, write_image
+@dataclass
+class Restored:
+    """The model's result for one image, ready to encode: pixels at the input's bit depth, alpha
+    resized to match, and the colour profile and EXIF the output keeps."""
 
-    t0 = time.perf_counter()
-    image = read_image(plan.input)
-    out = pipe(image.rgb, output_type="pt", on_step=on_step, source=plan.input, **call_kwargs(opts))
+    pixels: np.ndarray
+    alpha: np.ndarray | None
+    icc_profile: bytes | None
+    exif: bytes | None
+    seed: int
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+# -- the three steps of one file -----------------------------------------------------------------
+
+
+def read_input(path: str):
+    """Step 1: the decoded image (`imageio.LoadedImage`); InputError for a bad file."""
+    from .imageio import read_image
+
+    return read_image(path)
+
+
+def run_model(pipe, image, opts: RestoreOptions, *, on_step=None, source: str | None = None) -> Restored:
+    """Step 2: the pipeline on one decoded image (the only step that uses the device)."""
+    from .imageio import from_float, resize_alpha
+
+    out = pipe(image.rgb, output_type="pt", on_step=on_step, source=source, **call_kwargs(opts))
     restored = out.images[0].permute(1, 2, 0).float().cpu().numpy()
     pixels = from_float(restored, image.bit_depth)
     height, width = pixels.shape[:2]
     alpha = resize_alpha(image.alpha, (width, height)) if image.alpha is not None else None
+    return Restored(pixels, alpha, image.output_icc_profile, image.exif, int(opts.seed))
+
+
+def write_output(dest: str | BinaryIO, restored: Restored, *, fmt: str | None, quality: int, overwrite: bool) -> None:
+    """Step 3: encode and write atomically (a path) or in one piece (a stream); OutputError on failure."""
+    from .imageio import write_image
+
     write_image(
-        plan.output, pixels, alpha=alpha, fmt=fmt, quality=quality, icc_profile=image.output_icc_profile,
-        exif=image.exif, overwrite=overwrite,
+        dest, restored.pixels, alpha=restored.alpha, fmt=fmt, quality=quality, icc_profile=restored.icc_profile,
+        exif=restored.exif, overwrite=overwrite,
     )
-    return FileResult(plan.input, plan.output, "ok", seconds=time.perf_counter() - t0, width=width, height=height,
-                      seed=opts.seed)
+
+
+def restore_image(pipe, plan: OutputPlan, opts: RestoreOptions, *, overwrite: bool, fmt: str | None, quality: int,
+                  on_step=None) -> FileResult:
+    """Read -> restore -> write one image. InputError / OutputError propagate for the caller to report."""
+    t0 = time.perf_counter()
+    image = read_input(plan.input)
+    restored = run_model(pipe, image, opts, on_step=on_step, source=plan.input)
+    write_output(plan.output, restored, fmt=fmt, quality=quality, overwrite=overwrite)
+    return FileResult(plan.input, plan.output, "ok", seconds=time.perf_counter() - t0, width=restored.width,
+                      height=restored.height, seed=restored.seed)
+
+
+# -- `restore IMAGE...` ----------------------------------------------------------------------------
 
 
 def restore_files(
@@ -80,43 +133,79 @@ def restore_files(
     quality: int = 95,
     json_lines: bool = False,
     save_guidance_map: str | None = None,
+    overlap: bool = True,
 ) -> int:
-    """Returns the exit code: 0 all done, 1 some inputs failed. Usage/setup errors raise (exit 2)."""
+    """Returns the exit code: 0 all done, 1 some inputs failed. Usage/setup errors raise (exit 2);
+    Ctrl-C raises `batch.BatchInterrupted` after the outputs already computed are written."""
+    from .batch import Job, run_batch
     from .loading import load_pipeline
 
     opts = opts.resolve()
     plans = plan_outputs(inputs, output, suffix=suffix, fmt=fmt)
-    if json_lines and any(p.output == STDIO for p in plans):
-        from .errors import UsageError
-
+    to_stdout = any(p.output == STDIO for p in plans)
+    if json_lines and to_stdout:
         raise UsageError("--json writes JSON lines to stdout; it cannot be combined with -o -")
-    results: list[FileResult] = []
-
-    def report(result: FileResult) -> None:
-        results.append(result)
-        if json_lines:
-            out.json_line(result.as_json())
-        if result.status == "failed":
-            out.error(result.error)
-        elif result.status == "ok" and result.output != STDIO:
-            out.info(f"{result.input} -> {result.output} ({result.width}x{result.height}, {result.seconds:.1f} s)")
-
-    runnable = []
+    make_folders = output is not None and output != STDIO and is_directory_target(output)
+    entries: list = []
     for plan in plans:
         try:
             check_output(plan, overwrite=overwrite, all_inputs=inputs)
-            runnable.append(plan)
+            entries.append(Job(plan.input, plan.output, make_folders=make_folders))
         except RestoreError as exc:
-            report(FileResult(plan.input, plan.output, "failed", error=str(exc)))
-    if runnable:
-        pipe = load_pipeline(opts)
-        for plan in runnable:
-            try:
-                with out.step_progress(plan.input) as on_step:
-                    report(restore_image(pipe, plan, opts, overwrite=overwrite, fmt=fmt, quality=quality, on_step=on_step))
-            except (InputError, OutputError) as exc:
-                report(FileResult(plan.input, plan.output, "failed", error=str(exc)))
-    failed = sum(r.status == "failed" for r in results)
+            entries.append(FileResult(plan.input, plan.output, "failed", error=str(exc)))
+
+    events = _ImageEvents(out, json_lines)
+    with _stdout_kept_for_image(to_stdout) as image_stream:
+        summary = run_batch(
+            entries, lambda: load_pipeline(opts), opts, overwrite=overwrite, fmt=fmt, quality=quality,
+            overlap=overlap, events=events, stdout=image_stream,
+        )
     if json_lines:
-        out.json_line({"summary": True, "ok": sum(r.status == "ok" for r in results), "skipped": 0, "failed": failed})
-    return 1 if failed else 0
+        out.json_line(summary.as_json())
+    return summary.exit_code
+
+
+class _ImageEvents:
+    """`restore IMAGE...` reporting: a step bar per image on a terminal, one line per file."""
+
+    def __init__(self, out: Output, json_lines: bool):
+        self.out = out
+        self.json_lines = json_lines
+        self._progress = None
+        self.on_step = None
+
+    def loading(self) -> None:
+        self.out.detail("loading models...")
+
+    def started(self, index: int, job) -> None:
+        self._progress = self.out.step_progress(job.input)
+        self.on_step = self._progress.__enter__()
+
+    def step(self, done: int, total: int) -> None:
+        if self.on_step is not None:
+            self.on_step(done, total)
+
+    def computed(self, index: int, job) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+        self._progress = self.on_step = None
+
+    def result(self, index: int, result: FileResult) -> None:
+        if self.json_lines:
+            self.out.json_line(result.as_json())
+        if result.status == "failed":
+            self.out.error(result.error)
+        elif result.status == "ok" and result.output != STDIO:
+            self.out.info(f"{result.input} -> {result.output} ({result.width}x{result.height}, {result.seconds:.1f} s)")
+
+
+@contextlib.contextmanager
+def _stdout_kept_for_image(active: bool):
+    """With `-o -`, stdout carries the image bytes only: anything else that Python code would print to
+    stdout while models load and run (a stray print in a dependency) goes to stderr instead."""
+    if not active:
+        yield None
+        return
+    image_stream = sys.stdout.buffer
+    with contextlib.redirect_stdout(sys.stderr):
+        yield image_stream
