@@ -45,8 +45,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_vae(layers_per_block: int, block_out=(8, 16, 16, 16), groups: int = 4, seed: int = 0) -> AutoencoderKL:
-    """A tiny AutoencoderKL (mid-block attention included) whose GroupNorm affines and biases are random too."""
+def tiny_vae(layers_per_block: int, block_out=(8, 16, 16, 16), groups: int = 4, seed: int = 0):
+    """A tiny AutoencoderKL (with mid-block attention); GroupNorm affines and biases are random too."""
     torch.manual_seed(seed)
     n = len(block_out)
     vae = AutoencoderKL(
@@ -76,8 +76,11 @@ def vae(request):
 def image(h: int, w: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     """Noise on a colour ramp: GroupNorm statistics differ strongly between tiles."""
     g = torch.Generator().manual_seed(seed)
-    ramp = torch.stack([torch.linspace(-0.6, 0.6, w).expand(h, w), torch.linspace(0.5, -0.5, h)[:, None].expand(h, w),
-                        torch.full((h, w), 0.3)])
+    ramp = torch.stack([
+        torch.linspace(-0.6, 0.6, w).expand(h, w),
+        torch.linspace(0.5, -0.5, h)[:, None].expand(h, w),
+        torch.full((h, w), 0.3),
+    ])
     return (torch.rand(batch, 3, h, w, generator=g) - 0.5) + ramp
 
 
@@ -110,9 +113,9 @@ def multi_tile_everywhere(info: dict) -> None:
 # -- exactness, fp32 ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("h, w, tile", [(200, 328, 24), (203, 331, 24), (192, 256, 64)])
-def test_tiled_encode_equals_untiled(vae, h, w, tile):
-    x = image(h, w)
+@pytest.mark.parametrize("h, w, tile, batch", [(200, 328, 24, 1), (203, 331, 24, 1), (192, 256, 64, 2)])
+def test_tiled_encode_equals_untiled(vae, h, w, tile, batch):
+    x = image(h, w, batch)
     info: dict = {}
     got = tiled_encode(vae, x, tile_size=tile, info=info)
     assert_close_rel(got, untiled_encode(vae, x), 1e-4, f"encode {h}x{w} tile {tile}")
@@ -284,3 +287,30 @@ def test_estimate_peak_bytes_for_the_sd_vae():
     assert est(512, 64) == est(512, None)
     enc = lambda s, tile, **kw: estimate_peak_bytes(SD_VAE, s, s, tile, torch.float32, part="encode", **kw)  # noqa: E731
     assert enc(2048, 256, offload=True) < enc(2048, 256) < enc(2048, None)
+
+
+# -- the project's tiny reference VAE against the official (untiled) golden outputs -----------------
+
+
+def test_reference_vae_tiled_matches_official_golden(reference_dir):
+    """model_v.json's VAE (32 channels in 32 groups: one channel per group) loaded from the official
+    checkpoint, tiled 4x6 and 3x4: the same numbers as the official untiled code (PIPELINE.md 4.1, 9.1)."""
+    from conftest import load_golden
+    from restorecli.models import configs as cfgs
+    from restorecli.models import convert as cv
+    from restorecli.models.description import load_model_description
+    from restorecli.models.stage2 import new_vae
+
+    desc = load_model_description(reference_dir / "model_v.json")
+    config = cfgs.stage2_configs(desc.cldm).vae
+    vae = new_vae(config).eval()
+    vae.load_state_dict(cv.convert_vae(cv.read_checkpoint(reference_dir / "sd.safetensors"), config))
+    golden, _ = load_golden(reference_dir, "vae")
+    x = golden["vae_in_u8"].float() / 255 * 2 - 1  # 64x96
+    info: dict = {}
+    mean = tiled_encode(vae, x, tile_size=16, return_mode=True, info=info)
+    assert info["grids"][(64, 96)] == (4, 6)
+    assert_close_rel(mean, golden["posterior_mean"], 1e-4, "tiled posterior mean")
+    decoded = tiled_decode(vae, golden["latent"] / desc.cldm.latent_scale_factor, tile_size=3, info=info)
+    assert info["grids"][(64, 96)] == (3, 4)
+    assert_close_rel(decoded, golden["decoded"], 1e-4, "tiled decode")

@@ -58,7 +58,7 @@ import bisect
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -560,7 +560,7 @@ class _TiledMap:
 
 
 class _Engine:
-    def __init__(self, prog: _Program, in_shape, grids, *, device, dtype, store_device, shapes):
+    def __init__(self, prog: _Program, grids, *, device, dtype, store_device, shapes):
         self.prog = prog
         self.grids = grids
         self.device = device
@@ -764,7 +764,7 @@ def _run(
         ", ".join(f"{hw[0]}x{hw[1]}: {len(g.rows)}x{len(g.cols)}" for hw, g in grids.items()),
         use_offload, stored_est / 2**20,
     )
-    eng = _Engine(prog, (c, h, w), grids, device=device, dtype=dtype, store_device=store_device, shapes=shapes)
+    eng = _Engine(prog, grids, device=device, dtype=dtype, store_device=store_device, shapes=shapes)
     y = eng.run(x, bsz)
     if info is not None:
         info.update(
