@@ -53,7 +53,14 @@ class Output:
         sys.stdout.flush()
 
     def json_line(self, obj) -> None:
-        sys.stdout.write(json.dumps(obj, ensure_ascii=False, separators=(", ", ": ")) + "\n")
+        text = json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A file name that is not valid UTF-8 (Python keeps its bytes as lone surrogates): write it
+            # as \udcXX escapes, valid JSON that json.loads + os.fsencode turn back into the name.
+            text = json.dumps(obj, ensure_ascii=True, separators=(", ", ": "))
+        sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
 
