@@ -1,25 +1,287 @@
-"""`restore batch DIR`: restore a folder of images (filled in by the batch issue)."""
+"""`restore batch DIR`: restore a folder of images. Parsing and printing only; `restorecli.batch` works."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from .cli_options import restore_options
-from .errors import SetupError
+from .errors import SetupError, UsageError
 from .options import RestoreOptions
+from .outputs import STDIO
+from .ui import NORMAL, Output
+
+#: Without a terminal, a progress line at most this often (seconds).
+PLAIN_PROGRESS_INTERVAL = 15.0
 
 
 @restore_options
 def batch_command(
-    directory: Annotated[str, typer.Argument(help="Folder of images.", show_default=False)],
+    directory: Annotated[Optional[str], typer.Argument(help="Folder of images (optional with --from-list).", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder. [default: DIR_restored/ beside DIR]", show_default=False)] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Include subfolders; their structure is kept under the output folder.")] = False,
+    glob: Annotated[Optional[str], typer.Option("--glob", help="Only files whose name (or, with a `/`, relative path) matches, e.g. '*.jpg' or 'album*/*'. Case-insensitive.", show_default=False)] = None,
+    from_list: Annotated[Optional[str], typer.Option("--from-list", help="Restore the files listed in FILE, one path per line (`-`: stdin).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist (default: skip them, so a rerun resumes).")] = False,
+    suffix: Annotated[str, typer.Option("--suffix", help="Appended to each input's stem to name its output.")] = "_restored",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Output format: png, jpg, webp, tif. [default: the input's when writable, else png]", show_default=False)] = None,
+    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per file on stdout, then a summary object.")] = False,
+    overlap: Annotated[bool, typer.Option("--io-overlap/--no-io-overlap", help="Read the next image and write the previous one while the model runs.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr (a line per file).")] = False,
     *,
     opts: RestoreOptions,
 ) -> None:
-    """Restore every image in a folder.
+    """Restore every image in a folder; a rerun skips what is done.
 
-    Example: `restore batch scans/ -o scans_restored/`
+    Writes `<name>_restored.<ext>` for each image of DIR into `DIR_restored/` (or `-o OUTDIR`), never
+    into DIR unless `-o DIR` says so, and never over an input. A bad file is reported with one line and
+    the batch goes on (exit 1 at the end); an output that exists is skipped, so after Ctrl-C or a crash
+    the same command finishes the set. Progress and messages go to stderr; `--json` puts one JSON line
+    per file on stdout.
+
+    Examples: `restore batch scans/ -o scans_restored/`,
+    `restore batch photos/ -r --glob '*.jpg' --format png`,
+    `find . -name '*.tif' | restore batch --from-list - -o out/ --json`
     """
-    raise SetupError("`restore batch` is not implemented yet")
+    from .cli import State, _set_verbosity
+
+    _set_verbosity(quiet, verbose)
+    out = State.out
+    code = run_batch_command(
+        directory, output, opts, out=out, recursive=recursive, pattern=glob, from_list=from_list,
+        overwrite=overwrite, suffix=suffix, fmt=fmt, quality=quality, json_lines=json_lines, overlap=overlap,
+    )
+    raise typer.Exit(code)
+
+
+def run_batch_command(
+    directory: str | None,
+    output: str | None,
+    opts: RestoreOptions,
+    *,
+    out: Output,
+    recursive: bool = False,
+    pattern: str | None = None,
+    from_list: str | None = None,
+    overwrite: bool = False,
+    suffix: str = "_restored",
+    fmt: str | None = None,
+    quality: int = 95,
+    json_lines: bool = False,
+    overlap: bool = True,
+) -> int:
+    from . import batch
+    from .loading import load_pipeline
+
+    opts = opts.resolve()
+    outdir = _output_dir(directory, output, from_list)
+
+    # 1. What to restore
+    failures = []
+    ignored: list[str] = []
+    if from_list is not None:
+        sources = batch.listed_sources(batch.read_list(from_list), directory)
+        if pattern is not None:
+            sources = [s for s in sources if batch._matches(s.relative, pattern)]
+    else:
+        same_folder = outdir.exists() and os.path.samefile(outdir, directory)
+        found = batch.discover(
+            directory, recursive=recursive, pattern=pattern, exclude=[outdir],
+            skip_suffix=suffix if same_folder and suffix else None,
+        )
+        sources, ignored, failures = found.sources, found.ignored, found.failures
+    entries = failures + batch.plan_batch(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
+    jobs = sum(isinstance(e, batch.Job) for e in entries)
+    skipped = sum(getattr(e, "status", None) == "skipped" for e in entries)
+    where = f"{directory} -> {outdir}" if directory is not None else f"-> {outdir}"
+    out.info(f"{len(entries)} images ({where}): {jobs} to restore, {skipped} already done" + (
+        f"; {len(ignored)} other files ignored" if ignored else ""))
+    for path in ignored:
+        out.detail(f"ignored (not an image): {path}")
+
+    # 2. Lock the output folder, clean what a killed run left there, run
+    if jobs:
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SetupError(f"-o {outdir}: cannot create the folder ({e.strerror or e})") from None
+    view = BatchView(out, entries, json_lines=json_lines)
+    with batch.output_folder_lock(outdir) if jobs else contextlib.nullcontext():
+        for path in batch.remove_stale_temp_files(entries):
+            out.detail(f"removed an unfinished temp file of an earlier run: {path}")
+        try:
+            with view:
+                summary = batch.run_batch(
+                    entries, lambda: load_pipeline(opts), opts, overwrite=overwrite, fmt=fmt, quality=quality,
+                    overlap=overlap, events=view,
+                )
+        except batch.BatchInterrupted as stop:
+            summary = stop.summary
+    view.print_summary(summary)
+    if json_lines:
+        out.json_line(summary.as_json())
+    return summary.exit_code
+
+
+def _output_dir(directory: str | None, output: str | None, from_list: str | None) -> Path:
+    from .batch import default_output_dir
+
+    if directory is None and from_list is None:
+        raise UsageError("give a folder (`restore batch DIR`) or a list of files (`--from-list FILE`)")
+    if directory is not None and not Path(directory).is_dir():
+        if Path(directory).exists():
+            raise UsageError(f"{directory} is not a folder; use `restore {directory}` for one image")
+        raise UsageError(f"{directory}: no such folder")
+    if output == STDIO:
+        raise UsageError("`restore batch` writes files; for a pipe use `restore - -o -`")
+    if output is None:
+        if directory is None:
+            raise UsageError("--from-list without DIR needs -o OUTDIR")
+        outdir = default_output_dir(directory)
+    else:
+        outdir = Path(output)
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"-o {outdir}: exists and is not a folder")
+    return outdir
+
+
+class BatchView:
+    """Progress on stderr (a rich bar on a terminal, a plain line every 15 s otherwise), one `error:`
+    line per failed file as it happens, JSON lines on stdout with --json, and the final summary."""
+
+    def __init__(self, out: Output, entries, *, json_lines: bool):
+        from .batch import Job
+
+        self.out = out
+        self.json_lines = json_lines
+        self.total = len(entries)
+        self.jobs_left = sum(isinstance(e, Job) for e in entries)
+        self.done = self.ok = self.skipped = self.failed = 0
+        self.computed_count = 0
+        self.first_start: float | None = None
+        self.start = time.perf_counter()
+        self.last_line = self.start
+        self.current = ""
+        self.progress = None
+        self.task = None
+
+    # -- context: the live bar -------------------------------------------------------------------
+    def __enter__(self):
+        if self.out.level >= NORMAL and self.out.err.is_terminal and self.total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("restoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("ETA {task.fields[eta]}"), TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[current]}"),
+                console=self.out.err, transient=True,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("restoring", total=self.total, eta="-:--", rate="", current="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    # -- BatchEvents ------------------------------------------------------------------------------
+    def loading(self) -> None:
+        self._show("loading models...")
+
+    def started(self, index: int, job) -> None:
+        if self.first_start is None:
+            self.first_start = time.perf_counter()
+        self.current = job.input
+        self._show(job.input)
+
+    def step(self, done: int, total: int) -> None:
+        self._show(f"{self.current} (step {done}/{total})")
+
+    def computed(self, index: int, job) -> None:
+        self.computed_count += 1
+        self.jobs_left -= 1
+
+    def result(self, index: int, result) -> None:
+        self.done += 1
+        if result.status == "ok":
+            self.ok += 1
+            self.out.detail(f"{result.input} -> {result.output} ({result.width}x{result.height}, {result.seconds:.1f} s)")
+        elif result.status == "skipped":
+            self.skipped += 1
+            self.out.detail(f"{result.input}: {result.output} exists; skipped")
+        else:
+            self.failed += 1
+            self.out.error(result.error)
+        if self.json_lines:
+            self.out.json_line(result.as_json())
+        if self.progress is not None:
+            self.progress.update(self.task, completed=self.done, eta=self._eta(), rate=self._rate())
+        elif self.out.level >= NORMAL and time.perf_counter() - self.last_line >= PLAIN_PROGRESS_INTERVAL:
+            self.last_line = time.perf_counter()
+            self.out.info(self._plain_line())
+
+    # -- text -----------------------------------------------------------------------------------
+    def _show(self, current: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, current=_shorten(current))
+
+    def _per_image(self) -> float | None:
+        if not self.computed_count or self.first_start is None:
+            return None
+        return (time.perf_counter() - self.first_start) / self.computed_count
+
+    def _rate(self) -> str:
+        per_image = self._per_image()
+        return f"{60 / per_image:.1f} images/min" if per_image else ""
+
+    def _eta(self) -> str:
+        per_image = self._per_image()
+        return _duration(per_image * self.jobs_left) if per_image else "-:--"
+
+    def _plain_line(self) -> str:
+        text = (f"[{self.done}/{self.total}] {self.ok} restored, {self.skipped} skipped, {self.failed} failed; "
+                f"elapsed {_duration(time.perf_counter() - self.start)}")
+        if self._per_image():
+            text += f", ETA {self._eta()}, {self._rate()}"
+        return text
+
+    def print_summary(self, summary) -> None:
+        if self.out.level < NORMAL:
+            return
+        head = "interrupted" if summary.interrupted else "done"
+        text = f"{head}: {summary.ok} restored, {summary.skipped} skipped, {len(summary.failures)} failed"
+        if summary.interrupted:
+            text += f", {summary.not_done} not processed"
+        text += f" in {_duration(summary.seconds)}"
+        if summary.ok and summary.seconds > 0:
+            text += f" ({summary.ok / summary.seconds * 60:.1f} images/min)"
+        self.out.info(text)
+        if summary.failures:
+            self.out.info("failed:")
+            for failure in summary.failures:
+                self.out.info(f"  {failure.error}")
+        if summary.interrupted:
+            self.out.info("finished outputs are kept; run the same command again to do the rest")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def _shorten(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]

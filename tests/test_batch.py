@@ -1,0 +1,532 @@
+"""`restore batch DIR`: discovery, output planning, per-file failures, resume, kill -9, Ctrl-C, JSON lines.
+
+Most tests run the real CLI and loop with the stand-in pipeline of `_fake_pipeline.py` (the batch
+machinery does not depend on the model, and the tiny reference model costs seconds per image on a
+shared CPU); `test_real_tiny_model_batch_matches_the_golden_output` runs the reference model once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import _fake_pipeline
+from conftest import REFERENCE
+from restorecli import batch
+from restorecli.batch import Job, discover, plan_batch, read_list, run_batch
+from restorecli.cli import main
+from restorecli.imageio import is_temp_file
+from restorecli.options import RestoreOptions
+from restorecli.runner import FileResult
+
+FAKE_RESTORE = [sys.executable, str(Path(__file__).with_name("_fake_pipeline.py"))]
+RNG = np.random.default_rng(8)
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def png(path: Path, size=(12, 8), seed: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = RNG if seed is None else np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format="PNG")
+    return path
+
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    return [png(folder / f"img{i:02d}.png", seed=i) for i in range(n)]
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(path: Path) -> Path:
+    """A 100000 x 100000 PNG header (10 gigapixels) with almost no data: a decompression bomb."""
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + png_chunk(b"IEND", b""))
+    return path
+
+
+def permissions_enforced(folder: Path) -> bool:
+    """chmod 000 does not stop root (CAP_DAC_OVERRIDE); probe instead of checking the uid."""
+    probe = folder / "permission-probe"
+    probe.write_bytes(b"x")
+    probe.chmod(0)
+    try:
+        with open(probe, "rb"):
+            return False
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o600)
+        probe.unlink()
+
+
+def all_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if is_temp_file(p)]
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+@pytest.fixture()
+def fake(monkeypatch):
+    monkeypatch.delenv("FAKE_DELAY", raising=False)
+    return _fake_pipeline.install(monkeypatch)
+
+
+def fake_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in extra.items()})
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- discovery and planning --------------------------------------------------------------------------
+
+
+def test_discovery_by_extension_and_content(tmp_path):
+    png(tmp_path / "a.png")
+    png(tmp_path / "B.JPG")  # upper-case extension (PNG content: read by content)
+    png(tmp_path / "scan0001")  # no extension, image content: taken
+    (tmp_path / "notes.txt").write_text("hello")  # not an image: ignored
+    (tmp_path / "README").write_text("hello")  # no extension, not an image: ignored
+    (tmp_path / "fake.jpg").write_text("text")  # named like an image: taken (fails when read)
+    png(tmp_path / ".hidden.png")  # hidden: left out
+    png(tmp_path / ".a.png.0123abcd.restoring.tmp")  # our temp file: left out
+    png(tmp_path / "sub" / "c.png")
+    os.mkfifo(tmp_path / "pipe.png")  # reading a FIFO would block: left out
+    found = discover(tmp_path)
+    assert [s.relative.as_posix() for s in found.sources] == ["B.JPG", "a.png", "fake.jpg", "scan0001"]
+    assert sorted(Path(p).name for p in found.ignored) == ["README", "notes.txt"]
+    deep = discover(tmp_path, recursive=True)
+    assert "sub/c.png" in [s.relative.as_posix() for s in deep.sources]
+
+
+def test_glob_matches_names_or_relative_paths_case_insensitively(tmp_path):
+    for name in ["a.jpg", "b.JPG", "c.png", "x/d.jpg", "y/e.jpg"]:
+        png(tmp_path / name)
+    names = lambda found: [s.relative.as_posix() for s in found.sources]  # noqa: E731
+    assert names(discover(tmp_path, pattern="*.jpg")) == ["a.jpg", "b.JPG"]
+    assert names(discover(tmp_path, pattern="*.jpg", recursive=True)) == ["a.jpg", "b.JPG", "x/d.jpg", "y/e.jpg"]
+    assert names(discover(tmp_path, pattern="x/*", recursive=True)) == ["x/d.jpg"]
+
+
+def test_default_output_dir_is_beside_the_folder(tmp_path, monkeypatch):
+    assert batch.default_output_dir("scans/") == Path("scans_restored")
+    assert batch.default_output_dir(tmp_path / "a" / "scans") == tmp_path / "a" / "scans_restored"
+    (tmp_path / "photos").mkdir()
+    monkeypatch.chdir(tmp_path / "photos")
+    assert batch.default_output_dir(".") == tmp_path / "photos_restored"
+
+
+def test_plan_skips_existing_outputs_and_refuses_collisions(tmp_path):
+    sources = [batch.Source(str(tmp_path / n), Path(n)) for n in ["a.png", "a.gif", "b.png", "c.png"]]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b_restored.png").write_bytes(b"done before")
+    entries = plan_batch(sources, out, fmt="png")
+    assert isinstance(entries[0], Job) and entries[0].output == str(out / "a_restored.png")
+    assert entries[1].status == "failed" and "is also the output of" in entries[1].error  # a.gif -> a_restored.png
+    assert entries[2].status == "skipped"
+    assert isinstance(entries[3], Job)
+    assert isinstance(plan_batch(sources, out, fmt="png", overwrite=True)[2], Job)
+    # an output that would be an input is refused, even with overwrite
+    same = plan_batch([batch.Source(str(tmp_path / "a.png"), Path("a.png"))], tmp_path, suffix="", overwrite=True)
+    assert same[0].status == "failed" and "is an input" in same[0].error
+
+
+def test_read_list_from_file_and_stdin(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"a.png\r\n\n  \nsub/b.png\na.png\n")
+    assert read_list(listing) == ["a.png", "sub/b.png"]
+    import io
+
+    assert read_list("-", stdin=io.BytesIO(b"x.png\ny.png")) == ["x.png", "y.png"]
+
+
+# -- the batch through the CLI -------------------------------------------------------------------------
+
+
+def test_thirty_images_with_broken_ones(tmp_path, capsys, fake):
+    """25 good images and 5 broken ones of different kinds: every good one restored, every bad one
+    reported with its reason (stderr line, JSON line, summary), exit 1, nothing else written."""
+    src = tmp_path / "scans"
+    good = make_images(src, 25)
+    broken = {
+        "empty.png": "empty file (0 bytes)",
+        "truncated.png": "truncated or corrupt PNG data",
+        "text.jpg": "not an image (unknown format)",
+        "bomb.png": "it could be a decompression bomb",
+    }
+    (src / "empty.png").write_bytes(b"")
+    (src / "truncated.png").write_bytes(good[0].read_bytes()[:-40])
+    (src / "text.jpg").write_text("this is not a picture\n")
+    bomb_png(src / "bomb.png")
+    locked = None
+    if permissions_enforced(tmp_path):
+        locked = png(src / "locked.png")
+        locked.chmod(0)
+        broken["locked.png"] = "permission denied"
+    else:
+        (src / "zero.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # root: a fifth kind, a bare signature
+        broken["zero.png"] = "unreadable PNG file"
+    (src / "notes.txt").write_text("ignored, not reported")
+    try:
+        code, out, err = run(["batch", src, "--json", "--upscale", "2"], capsys)
+    finally:
+        if locked is not None:
+            locked.chmod(0o644)
+    assert code == 1
+    outdir = tmp_path / "scans_restored"
+    assert all_files(outdir) == sorted(f"{p.stem}_restored.png" for p in good)
+    for path in good:
+        restored = np.asarray(Image.open(outdir / f"{path.stem}_restored.png"))
+        assert restored.shape == (16, 24, 3)
+        expected = 255 - np.asarray(Image.open(path)).repeat(2, axis=0).repeat(2, axis=1)
+        assert np.abs(restored.astype(int) - expected).max() <= 1
+    records = json_lines(out)
+    summary = records.pop()
+    assert summary["summary"] is True and (summary["ok"], summary["skipped"], summary["failed"]) == (25, 0, 5)
+    by_name = {Path(r["input"]).name: r for r in records}
+    assert len(records) == 30 and "notes.txt" not in by_name
+    for name, reason in broken.items():
+        record = by_name[name]
+        assert record["status"] == "failed" and reason in record["error"], record
+        assert f"error: {src / name}: " in err and reason in err
+    assert all(by_name[p.name]["status"] == "ok" and by_name[p.name]["width"] == 24 for p in good)
+    assert "done: 25 restored, 0 skipped, 5 failed" in err
+    assert err.count("error: ") == 5
+    assert temp_files(tmp_path) == []
+    assert all_files(src) == sorted([p.name for p in good] + list(broken) + ["notes.txt"])  # DIR untouched
+
+
+def test_rerun_skips_finished_outputs_and_overwrite_redoes_them(tmp_path, capsys, fake):
+    src = tmp_path / "in"
+    make_images(src, 3)
+    out = tmp_path / "out"
+    assert run(["batch", src, "-o", out], capsys)[0] == 0
+    assert len(fake) == 1 and len(fake[0].calls) == 3
+    (out / "img01_restored.png").unlink()
+    stamp = (out / "img00_restored.png").stat().st_mtime_ns
+    code, stdout, err = run(["batch", src, "-o", out, "--json"], capsys)
+    assert code == 0 and "1 to restore, 2 already done" in err
+    assert [r["status"] for r in json_lines(stdout)[:-1]] == ["skipped", "ok", "skipped"]
+    assert fake[1].calls == [str(src / "img01.png")]
+    assert (out / "img00_restored.png").stat().st_mtime_ns == stamp
+    code, stdout, _ = run(["batch", src, "-o", out, "--json", "--overwrite"], capsys)
+    assert code == 0 and [r["status"] for r in json_lines(stdout)[:-1]] == ["ok"] * 3
+    # everything done: the models are not even loaded
+    code, _, err = run(["batch", src, "-o", out], capsys)
+    assert code == 0 and len(fake) == 3 and "done: 0 restored, 3 skipped, 0 failed" in err
+
+
+def test_recursive_keeps_the_folder_structure(tmp_path, capsys, fake):
+    src = tmp_path / "album"
+    for rel in ["a.png", "2019/b.png", "2019/summer/c.jpg", "2020/d.tif"]:
+        png(src / rel)
+    out = tmp_path / "out"
+    code, _, _ = run(["batch", src, "-o", out, "-r", "--upscale", "1"], capsys)
+    assert code == 0
+    assert all_files(out) == ["2019/b_restored.png", "2019/summer/c_restored.jpg", "2020/d_restored.tif", "a_restored.png"]
+    assert Image.open(out / "2019/summer/c_restored.jpg").format == "JPEG"
+    code, _, _ = run(["batch", src, "-o", tmp_path / "flat", "--upscale", "1"], capsys)
+    assert all_files(tmp_path / "flat") == ["a_restored.png"]
+
+
+def test_glob_and_format_and_suffix(tmp_path, capsys, fake):
+    src = tmp_path / "in"
+    png(src / "a.png")
+    png(src / "b.PNG")
+    png(src / "c.jpg")
+    code, _, _ = run(["batch", src, "--glob", "*.png", "--format", "webp", "--suffix", "_x", "--upscale", "1"], capsys)
+    assert code == 0
+    assert all_files(tmp_path / "in_restored") == ["a_x.webp", "b_x.webp"]
+
+
+def test_from_list_file_and_stdin(tmp_path, capsys, fake, monkeypatch):
+    src = tmp_path / "photos"
+    png(src / "a.png")
+    png(src / "sub" / "b.png")
+    png(tmp_path / "elsewhere.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{src / 'a.png'}\n{src / 'sub' / 'b.png'}\n{tmp_path / 'elsewhere.png'}\n{tmp_path / 'gone.png'}\n")
+    code, out, err = run(["batch", src, "--from-list", listing, "--upscale", "1"], capsys)
+    assert code == 1 and "gone.png: no such file" in err
+    # inside DIR: the relative folder is kept; outside: straight into OUTDIR
+    assert all_files(tmp_path / "photos_restored") == ["a_restored.png", "elsewhere_restored.png", "sub/b_restored.png"]
+
+    import io
+
+    monkeypatch.chdir(src)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a.png\nsub/b.png\n")))
+    code, out, _ = run(["batch", "--from-list", "-", "-o", tmp_path / "fromstdin", "--json", "--upscale", "1"], capsys)
+    assert code == 0
+    assert all_files(tmp_path / "fromstdin") == ["a_restored.png", "b_restored.png"]
+    assert [r["input"] for r in json_lines(out)[:-1]] == ["a.png", "sub/b.png"]
+
+
+def test_output_folder_equal_to_input_folder_only_when_asked(tmp_path, capsys, fake):
+    src = tmp_path / "in"
+    make_images(src, 2)
+    code, _, _ = run(["batch", src, "-o", src, "--upscale", "1"], capsys)
+    assert code == 0
+    assert all_files(src) == ["img00.png", "img00_restored.png", "img01.png", "img01_restored.png"]
+    # a rerun does not take our outputs for inputs (no img00_restored_restored.png)
+    code, _, err = run(["batch", src, "-o", src, "--upscale", "1"], capsys)
+    assert code == 0 and "2 images" in err and len(all_files(src)) == 4
+    # an empty suffix would overwrite the inputs: refused per file, inputs untouched
+    before = {p: (src / p).read_bytes() for p in all_files(src)}
+    code, _, err = run(["batch", src, "-o", src, "--suffix", "", "--overwrite"], capsys)
+    assert code == 1 and "is an input; refusing to overwrite it" in err
+    assert {p: (src / p).read_bytes() for p in all_files(src)} == before
+
+
+def test_output_folder_inside_the_input_folder_is_not_an_input(tmp_path, capsys, fake):
+    src = tmp_path / "in"
+    make_images(src, 2)
+    assert run(["batch", src, "-o", src / "restored", "-r", "--upscale", "1"], capsys)[0] == 0
+    code, _, err = run(["batch", src, "-o", src / "restored", "-r", "--upscale", "1"], capsys)
+    assert code == 0 and "2 images" in err and "2 skipped" in err
+
+
+def test_stale_temp_files_are_removed_at_start(tmp_path, capsys, fake):
+    src = tmp_path / "in"
+    make_images(src, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".img00_restored.png.0123abcd.restoring.tmp"
+    stale.write_bytes(b"half an image")
+    assert run(["batch", src, "-o", out], capsys)[0] == 0
+    assert all_files(out) == ["img00_restored.png"]
+
+
+def test_a_file_that_vanishes_mid_run_is_reported(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "in"
+    make_images(src, 4)
+
+    def delete_the_last(source):
+        (src / "img03.png").unlink(missing_ok=True)
+
+    _fake_pipeline.install(monkeypatch, on_call=delete_the_last, delay=0)
+    code, out, err = run(["batch", src, "--json", "--no-io-overlap"], capsys)
+    assert code == 1
+    assert f"error: {src / 'img03.png'}: no such file" in err
+    assert [r["status"] for r in json_lines(out)[:-1]] == ["ok", "ok", "ok", "failed"]
+
+
+def test_out_of_memory_is_that_files_failure(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "in"
+    make_images(src, 2)
+    png(src / "big.png", size=(40, 30))
+    _fake_pipeline.install(monkeypatch, oom="big", delay=0)
+    code, out, err = run(["batch", src, "--json"], capsys)
+    assert code == 1
+    assert f"error: {src / 'big.png'}: too large for the available memory even tiled (40 x 30" in err
+    assert [r["status"] for r in json_lines(out)[:-1]] == ["failed", "ok", "ok"]
+    assert all_files(tmp_path / "in_restored") == ["img00_restored.png", "img01_restored.png"]
+
+
+def test_json_lines_match_the_files_written(tmp_path, capsys, fake):
+    src = tmp_path / "in"
+    make_images(src, 3)
+    (src / "bad.png").write_text("no")
+    code, out, err = run(["batch", src, "--json", "--seed", "7"], capsys)
+    assert code == 1
+    records = json_lines(out)  # every stdout line is JSON
+    assert records[-1] == {**records[-1], "summary": True, "ok": 3, "skipped": 0, "failed": 1, "interrupted": False}
+    for record in records[:-1]:
+        assert set(record) == {"input", "output", "status", "error", "seconds", "width", "height", "seed"}
+        if record["status"] == "ok":
+            with Image.open(record["output"]) as im:
+                assert im.size == (record["width"], record["height"]) == (48, 32)
+            assert record["seed"] == 7 and record["error"] is None and record["seconds"] >= 0
+        else:
+            assert record["error"].startswith(f"{src / 'bad.png'}: ") and not Path(record["output"]).exists()
+
+
+def test_json_lines_keep_file_names_that_are_not_utf8(tmp_path, capsys, fake):
+    """A Latin-1 file name (byte 0xE9) is written as a \\udce9 escape: valid JSON, and the path it
+    decodes to opens the file."""
+    src = tmp_path / "in"
+    png(src / os.fsdecode(b"caf\xe9.png"))
+    code, out, _ = run(["batch", src, "--json"], capsys)
+    record = json.loads(out.splitlines()[0])
+    assert code == 0 and "\\udce9" in out.splitlines()[0]
+    assert os.fsencode(record["input"]).endswith(b"caf\xe9.png") and Path(record["output"]).is_file()
+
+
+def test_usage_errors(tmp_path, capsys, fake):
+    png(tmp_path / "one.png")
+    cases = [
+        (["batch", tmp_path / "missing"], "no such folder"),
+        (["batch", tmp_path / "one.png"], "is not a folder; use `restore"),
+        (["batch", tmp_path, "-o", "-"], "for a pipe use `restore - -o -`"),
+        (["batch", "--from-list", tmp_path / "list.txt"], "needs -o OUTDIR"),
+        (["batch"], "give a folder"),
+        (["batch", tmp_path, "--format", "gif"], "`--format` must be"),
+    ]
+    for argv, fragment in cases:
+        code, out, err = run(argv, capsys)
+        assert code == 2 and fragment in err and out == "", (argv, err)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys, fake):
+    fcntl = pytest.importorskip("fcntl")
+    src = tmp_path / "in"
+    make_images(src, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = run(["batch", src, "-o", out], capsys)
+    finally:
+        os.close(fd)
+    assert code == 2 and "another `restore batch` is writing into this folder" in err
+    assert all_files(out) == []
+
+
+# -- the loop as a library -------------------------------------------------------------------------------
+
+
+def test_overlap_gives_the_same_results_in_the_same_order(tmp_path):
+    """Reads and writes in threads finish in any order; results are reported in input order, and the
+    files are the same bytes as without overlap."""
+    src = tmp_path / "in"
+    paths = [png(src / f"{i}.png", size=(8 + 7 * (i % 3), 8), seed=i) for i in range(8)]
+    (src / "x.png").write_text("bad")
+    paths.insert(3, src / "x.png")
+    opts = RestoreOptions(upscale=2.0).resolve()
+    outputs = {}
+    for overlap in (True, False):
+        out = tmp_path / f"out{overlap}"
+        entries = [Job(str(p), str(out / f"{p.stem}.png")) for p in paths]
+        entries.insert(5, FileResult("skipped.png", "s.png", "skipped"))
+        seen = []
+
+        class Events(batch.BatchEvents):
+            def result(self, index, result):
+                seen.append((index, result.input, result.status))
+
+        summary = run_batch(entries, lambda: _fake_pipeline.FakePipeline(delay=0.01), opts, overlap=overlap,
+                            events=Events())
+        assert [i for i, _, _ in seen] == list(range(len(entries)))
+        assert [r.input for r in summary.results] == [e.input for e in entries]
+        assert (summary.ok, summary.skipped, len(summary.failures)) == (8, 1, 1)
+        outputs[overlap] = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert outputs[True] == outputs[False]
+
+
+# -- signals: kill -9 and Ctrl-C in a real process -------------------------------------------------------
+
+
+def test_kill_9_then_rerun_completes_the_set_byte_for_byte(tmp_path, capsys, fake):
+    src = tmp_path / "in"
+    make_images(src, 12)
+    reference = tmp_path / "reference"
+    assert run(["batch", src, "-o", reference], capsys)[0] == 0  # an uninterrupted run
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*FAKE_RESTORE, "batch", str(src), "-o", str(out)], env=fake_env(FAKE_DELAY=0.3),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(list(out.glob("*_restored.png"))) >= 3, 120, "the first outputs")
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err
+    finished = all_files(out)
+    # only complete outputs (the same bytes as the uninterrupted run's), plus at most temp files
+    assert 3 <= len([f for f in finished if not is_temp_file(f)]) < 12
+    for name in finished:
+        if not is_temp_file(name):
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+    rerun = subprocess.run([*FAKE_RESTORE, "batch", str(src), "-o", str(out)], env=fake_env(),
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "already done" in rerun.stderr
+    assert all_files(out) == all_files(reference)  # no temp files left, nothing missing
+    for name in all_files(reference):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_ctrl_c_prints_the_summary_and_exits_130(tmp_path):
+    src = tmp_path / "in"
+    make_images(src, 12)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*FAKE_RESTORE, "batch", str(src), "-o", str(out), "--json"],
+                            env=fake_env(FAKE_DELAY=0.4), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(list(out.glob("*_restored.png"))) >= 2, 120, "the first outputs")
+        proc.send_signal(signal.SIGINT)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted: " in err and "not processed" in err and "run the same command again" in err
+    records = json_lines(stdout)
+    summary = records[-1]
+    assert summary["interrupted"] is True and summary["not_done"] > 0
+    written = all_files(out)
+    assert temp_files(out) == []  # nothing half-way
+    assert sorted(Path(r["output"]).name for r in records[:-1] if r["status"] == "ok") == written
+    assert summary["ok"] == len(written) < 12
+    for name in written:
+        with Image.open(out / name) as im:
+            im.load()  # complete files
+
+
+# -- the real tiny model ---------------------------------------------------------------------------------
+
+
+def test_real_tiny_model_batch_matches_the_golden_output(tmp_path, capsys, reference_dir):
+    """`restore batch` with the reference model (stage 1 only) gives the golden stage1_only_x2 result,
+    and a broken file next to it is reported without stopping the batch."""
+    case = next(c for c in json.loads((reference_dir / "cases.json").read_text())["cases"] if c["name"] == "stage1_only_x2")
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(reference_dir / case["input"], src / "noisy.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    args = [a if not a.endswith(".json") else str(reference_dir / a) for a in case["args"]]
+    code, out, err = run(["batch", src, "-o", tmp_path / "out", *args], capsys)
+    assert code == 1 and f"error: {src / 'broken.png'}: " in err and out == ""
+    actual = np.asarray(Image.open(tmp_path / "out" / "noisy_restored.png").convert("RGB")).astype(int)
+    expected = np.asarray(Image.open(reference_dir / case["expected"]).convert("RGB")).astype(int)
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= case["tolerance"]["max_diff"]
