@@ -23,6 +23,7 @@ Reports go through `BatchEvents` callbacks and the returned `BatchSummary`; noth
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import gc
 import logging
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import BinaryIO, Union
 
-from .errors import InputError, OutputError, RestoreError, UsageError
+from .errors import InputError, OutputError, RestoreError, SetupError, UsageError
 from .options import RestoreOptions
 from .outputs import FORMAT_EXTENSIONS, STDIO, output_name
 from .runner import FileResult, Restored, read_input, run_model, write_output
@@ -125,7 +126,7 @@ def discover(
                 continue
             path = here / name
             relative = path.relative_to(root)
-            if pattern is not None and not _matches(relative, pattern):
+            if pattern is not None and not matches_pattern(relative, pattern):
                 continue
             if skip_suffix and Path(name).stem.endswith(skip_suffix):
                 continue
@@ -139,7 +140,8 @@ def discover(
     return found
 
 
-def _matches(relative: PurePath, pattern: str) -> bool:
+def matches_pattern(relative: PurePath, pattern: str) -> bool:
+    """`--glob`: fnmatch, case-insensitive, on the relative path when the pattern has a "/", else the name."""
     pattern = pattern.lower()
     target = relative.as_posix() if "/" in pattern else relative.name
     return fnmatch.fnmatchcase(target.lower(), pattern)
@@ -272,6 +274,37 @@ def remove_stale_temp_files(entries: Iterable[Entry]) -> list[Path]:
         if folder.is_dir():
             removed += remove_in(folder)
     return removed
+
+
+@contextlib.contextmanager
+def output_folder_lock(folder: str | os.PathLike):
+    """Hold an exclusive lock on `folder` for a run, so that two runs cannot write into one folder and
+    delete each other's temp files. It is a `flock` of the folder itself: no lock file is left behind,
+    and the kernel drops it when the process dies, even by `kill -9`. Where there is no flock (Windows,
+    some network file systems), the run goes on unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SetupError(
+                f"{os.fspath(folder)}: another `restore batch` is writing into this folder",
+                hint="wait for it to finish, or choose another -o",
+            ) from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 # -- running -----------------------------------------------------------------------------------------

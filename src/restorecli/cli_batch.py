@@ -22,10 +22,10 @@ PLAIN_PROGRESS_INTERVAL = 15.0
 
 @restore_options
 def batch_command(
-    directory: Annotated[Optional[str], typer.Argument(help="Folder of images (optional with --from-list).", show_default=False)] = None,
+    directory: Annotated[Optional[str], typer.Argument(metavar="DIR", help="Folder of images (optional with --from-list).", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder. [default: DIR_restored/ beside DIR]", show_default=False)] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Include subfolders; their structure is kept under the output folder.")] = False,
-    glob: Annotated[Optional[str], typer.Option("--glob", help="Only files whose name (or, with a `/`, relative path) matches, e.g. '*.jpg' or 'album*/*'. Case-insensitive.", show_default=False)] = None,
+    glob: Annotated[Optional[str], typer.Option("--glob", help="Only files whose name (or, with a `/`, relative path) matches, e.g. `*.jpg` or `album*/*`. Case-insensitive.", show_default=False)] = None,
     from_list: Annotated[Optional[str], typer.Option("--from-list", help="Restore the files listed in FILE, one path per line (`-`: stdin).", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist (default: skip them, so a rerun resumes).")] = False,
     suffix: Annotated[str, typer.Option("--suffix", help="Appended to each input's stem to name its output.")] = "_restored",
@@ -46,8 +46,12 @@ def batch_command(
     the same command finishes the set. Progress and messages go to stderr; `--json` puts one JSON line
     per file on stdout.
 
-    Examples: `restore batch scans/ -o scans_restored/`,
-    `restore batch photos/ -r --glob '*.jpg' --format png`,
+    Examples:
+
+    `restore batch scans/ -o scans_restored/`
+
+    `restore batch photos/ -r --glob '*.jpg' --format png`
+
     `find . -name '*.tif' | restore batch --from-list - -o out/ --json`
     """
     from .cli import State, _set_verbosity
@@ -89,7 +93,7 @@ def run_batch_command(
     if from_list is not None:
         sources = batch.listed_sources(batch.read_list(from_list), directory)
         if pattern is not None:
-            sources = [s for s in sources if batch._matches(s.relative, pattern)]
+            sources = [s for s in sources if batch.matches_pattern(s.relative, pattern)]
     else:
         same_folder = outdir.exists() and os.path.samefile(outdir, directory)
         found = batch.discover(
@@ -101,8 +105,11 @@ def run_batch_command(
     jobs = sum(isinstance(e, batch.Job) for e in entries)
     skipped = sum(getattr(e, "status", None) == "skipped" for e in entries)
     where = f"{directory} -> {outdir}" if directory is not None else f"-> {outdir}"
-    out.info(f"{len(entries)} images ({where}): {jobs} to restore, {skipped} already done" + (
-        f"; {len(ignored)} other files ignored" if ignored else ""))
+    others = f"; {_count(len(ignored), 'other file')} ignored" if ignored else ""
+    if entries:
+        out.info(f"{_count(len(entries), 'image')} ({where}): {jobs} to restore, {skipped} already done{others}")
+    else:
+        out.warning(f"no images found ({where}){others}")
     for path in ignored:
         out.detail(f"ignored (not an image): {path}")
 
@@ -270,6 +277,10 @@ class BatchView:
                 self.out.info(f"  {failure.error}")
         if summary.interrupted:
             self.out.info("finished outputs are kept; run the same command again to do the rest")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _duration(seconds: float) -> str:
