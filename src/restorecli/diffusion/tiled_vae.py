@@ -390,20 +390,27 @@ def _layer_inputs(st: _Stage, shapes) -> list[tuple[int, int]]:
 def _tile_moments(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (sample, channel) mean and sum of squared deviations of one tile, in `acc`.
 
-    Two passes (mean, then the norm of the deviations), so nothing cancels. On CUDA one fused
-    var_mean kernel; on CPU var_mean is a slow scalar Welford loop, and the deviations are formed a few
-    channels at a time so that the temporaries stay small.
+    Both are two-pass (the mean first, then the squared deviations from it), so nothing cancels when
+    the mean is large against the spread, unlike sum(x) with sum(x^2). CUDA: one var_mean kernel. CPU:
+    var_mean is a slow scalar Welford loop there, so batch-norm's statistics kernel (vectorised two
+    passes, no temporaries) runs over the (1, B*C, h, w) view; without it, chunks of channels.
     """
     b, c, h, w = x.shape
     if x.device.type != "cpu":
         var, mean = torch.var_mean(x.to(acc), dim=(2, 3), correction=0)
         return mean, var * (h * w)
-    xv = x.reshape(b, c, h * w)
-    mean = xv.mean(2, dtype=acc)
+    xa = x.to(acc)
+    try:
+        mean, var = torch.batch_norm_update_stats(xa.reshape(1, b * c, h, w), None, None, 0.0)
+        return mean.view(b, c), var.view(b, c) * (h * w)  # biased variance
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch without the CPU op
+        pass
+    xv = xa.reshape(b, c, h * w)
+    mean = xv.mean(2)
     m2 = torch.empty_like(mean)
     step = max(1, (1 << 20) // max(1, h * w))
     for c0 in range(0, c, step):
-        d = xv[:, c0 : c0 + step].to(acc) - mean[:, c0 : c0 + step, None]
+        d = xv[:, c0 : c0 + step] - mean[:, c0 : c0 + step, None]
         m2[:, c0 : c0 + step] = torch.linalg.vector_norm(d, dim=2).square()
     return mean, m2
 
