@@ -15,6 +15,7 @@ draw the sampler makes, each drawn on the CPU and moved to the device (DESIGN.md
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from diffusers.utils import BaseOutput
 
 from .colorfix import color_fix as apply_color_fix
 from .diffusion.conditioning import ControlCondition, ControlledModel
+from .diffusion.guidance import GuidanceSettings, RestorationGuidance, weight_map
 from .diffusion.noise import GeneratorNoise
 from .diffusion.sampling import sample
 from .diffusion.schedules import NoiseSchedule
@@ -49,7 +51,11 @@ PAD_TILED = 8
 class DiffBIROutput(BaseOutput):
     """`images`: the restored images (output_type "np": HWC float32 in [0, 1], unclamped values are
     clipped; "pt": NCHW float32, unclamped; "pil": PIL images, 8-bit with the official truncation).
-    `stage1`: the stage-1 (condition) images at the output size, same type. `seeds`: the seed of each."""
+    `stage1`: the stage-1 (condition) images at the output size, same type. `seeds`: the seed of each.
+    `guidance_maps` (with `return_guidance_map=True`): the restoration-guidance region weight map W of
+    each image at the output size, in [0, 1] (1 = fidelity to the stage-1 image fully enforced; w_mse:
+    1 - tanh of the 2x2-block Sobel magnitude, mse: 1 everywhere); "np": HxW float32 arrays, "pt":
+    (N, 1, H, W) float32, "pil": 8-bit grayscale ("L") images."""
 
     images: Any
     stage1: Any = None
@@ -180,6 +186,7 @@ class DiffBIRPipeline(DiffusionPipeline):
         cleaner_tile_stride: int | None = None,
         max_memory: int | None = None,
         output_type: str = "np",
+        return_guidance_map: bool = False,
         on_step: Callable[[int, int], None] | None = None,
         source: str | None = None,
     ) -> DiffBIROutput:
@@ -189,12 +196,21 @@ class DiffBIRPipeline(DiffusionPipeline):
         `tile_size`/`tile_stride` (pixels) turn on the official tiled sampling; `cleaner_tile_*` the
         official tiled stage 1. `on_step(done, total)` reports sampling progress. `source` names the
         image in error messages.
+
+        Restoration guidance (PIPELINE.md 7.2, `restorecli.diffusion.guidance`): `guidance` > 0 pulls
+        every step toward the stage-1 image with the official scale; `guidance_loss` w_mse | mse,
+        `guidance_space` latent | rgb, active while `guidance_stop` < t < `guidance_start`,
+        `guidance_repeat` iterations per step. 0 (default) changes nothing, not even the random draws.
+        `return_guidance_map` fills `DiffBIROutput.guidance_maps`.
         """
         # 1. Check inputs
         rgb = self.check_inputs(
             image, sampler=sampler, steps=steps, cfg=cfg, strength=strength, start_point=start_point,
             noise_aug=noise_aug, color_fix=color_fix, guidance=guidance, tile_size=tile_size,
             tile_stride=tile_stride, output_type=output_type, stage1_only=stage1_only,
+        )
+        guidance_settings = GuidanceSettings(
+            float(guidance), guidance_loss, guidance_space, int(guidance_start), int(guidance_stop), int(guidance_repeat)
         )
         # 2. Stage 1: the clean but smooth condition image I_reg (>= 512 short side)
         stage1 = self.run_stage1(
@@ -214,22 +230,28 @@ class DiffBIRPipeline(DiffusionPipeline):
         c_txt_neg = self.encode_prompt(negative_prompt)
         # 5. Prepare the latents: x_T (or the noised condition), then noise augmentation
         x_T, c_img = self.prepare_latents(inputs.c_img, noise, start_point=start_point, noise_aug=noise_aug)
-        # 6. Denoise
+        # 6. Restoration guidance: target and region weights from the stage-1 image (draws happen in the loop)
+        guide = self.prepare_guidance(inputs, x_T, noise, guidance_settings) if guidance_settings.enabled else None
+        # 7. Denoise
         z = self.denoise(
             x_T, ControlCondition(c_txt, c_img, strength), ControlCondition(c_txt_neg, c_img, strength),
             sampler=sampler, steps=steps, cfg=cfg, rescale_cfg=rescale_cfg, noise=noise, tile=inputs.tile,
             knobs={"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise, "eta": eta, "order": order},
-            on_step=on_step,
+            on_step=on_step, x0_hook=guide,
         )
-        # 7. Decode (crop the latent and the image back to the unpadded sizes)
+        # 8. Decode (crop the latent and the image back to the unpadded sizes)
         decoded = self.decode(z, inputs)
-        # 8. Colour fix toward the stage-1 image, then resize to the output size
+        # 9. Colour fix toward the stage-1 image, then resize to the output size
         restored = self.color_correct(decoded, inputs.cond_img, color_fix, stage1.output_size)
-        # 9. Postprocess
+        # 10. Postprocess
+        maps = None
+        if return_guidance_map:
+            maps = self.guidance_map(inputs, x_T, guidance_settings, stage1.output_size, guide)
         return DiffBIROutput(
             images=self.postprocess(restored, output_type),
             stage1=self.postprocess(stage1_only_output(stage1), output_type),
             seeds=[int(seed)],
+            guidance_maps=None if maps is None else self.postprocess_map(maps, output_type),
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -256,10 +278,8 @@ class DiffBIRPipeline(DiffusionPipeline):
             raise UsageError(f"`noise_aug` must be in [0, {self.schedule.num_timesteps - 1}], got {noise_aug}")
         if color_fix not in COLOR_FIXES:
             raise UsageError(f"`color_fix` must be one of {', '.join(COLOR_FIXES)}; got {color_fix!r}")
-        if guidance < 0:
-            raise UsageError(f"`guidance` must be >= 0, got {guidance}")
-        if guidance > 0:
-            raise UsageError("restoration guidance (`guidance` > 0) is not available yet")
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise UsageError(f"`guidance` must be a finite number >= 0, got {guidance}")
         if tile_size is not None and (tile_size <= 0 or tile_size % 64):
             raise UsageError(f"`tile_size` must be a positive multiple of 64, got {tile_size}")
         if tile_stride is not None and (tile_size is None or not 0 < tile_stride <= tile_size):
@@ -316,6 +336,50 @@ class DiffBIRPipeline(DiffusionPipeline):
         if noise_aug > 0:
             c_img = self.schedule.q_sample(c_img, int(noise_aug), noise.randn(c_img.shape, c_img.device))
         return x_T, c_img
+
+    def guidance_target(self, cond_img: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """`2 * pad(stage1) - 1`, zero-padded bottom/right to 8 x the sampled latent's size: the v2-era
+        `pad_to_multiples_of(clean, 64) * 2 - 1` untiled; with tiled sampling the stage-2 padding (8, and
+        the latent's own zero padding when tiling falls back) so the target covers the latent exactly."""
+        h, w = latent.shape[-2] * VAE_SCALE, latent.shape[-1] * VAE_SCALE
+        img = cond_img.float()
+        padded = torch.nn.functional.pad(img, (0, w - img.shape[-1], 0, h - img.shape[-2]), value=0.0)
+        return padded.to(self.vae.device) * 2 - 1
+
+    def prepare_guidance(self, inputs: StageTwoInputs, x_T: torch.Tensor, noise: GeneratorNoise,
+                         settings: GuidanceSettings) -> RestorationGuidance:
+        """The x0 hook that applies restoration guidance (`restorecli.diffusion.guidance`).
+
+        With tiled sampling the hook still sees the whole latent's x0 (after the tiles' blending), so
+        the weight map and the loss are the whole image's. rgb space then back-propagates through the
+        full-size decoder, with gradient checkpointing to bound its memory (the tiled VAE has no
+        backward pass).
+        """
+        return RestorationGuidance(
+            settings, self.guidance_target(inputs.cond_img, x_T), vae=self.vae,
+            latent_scale_factor=self.latent_scale_factor, noise=noise, checkpoint=inputs.tile is not None,
+        )
+
+    def guidance_map(self, inputs: StageTwoInputs, x_T: torch.Tensor, settings: GuidanceSettings,
+                     output_size, guide: RestorationGuidance | None = None) -> torch.Tensor:
+        """The region weight map W of the guidance loss (w_mse: 1 - tanh(block Sobel); mse: ones),
+        cropped to the stage-1 size and resized to the output size, (1, 1, H, W) in [0, 1]."""
+        h0, w0 = inputs.cond_img.shape[-2:]
+        if settings.loss == "mse":
+            return torch.ones((inputs.cond_img.shape[0], 1, *output_size))
+        weight = guide.weight if guide is not None else weight_map(self.guidance_target(inputs.cond_img, x_T).add(1).div(2))
+        return resize_to(weight[..., :h0, :w0].float().cpu(), output_size).clamp(0, 1)
+
+    @staticmethod
+    def postprocess_map(maps: torch.Tensor, output_type: str):
+        """pt: (N, 1, H, W); np: HxW float32 arrays; pil: 8-bit grayscale images (rounded)."""
+        if output_type == "pt":
+            return maps
+        if output_type == "np":
+            return [m[0].numpy().astype(np.float32) for m in maps]
+        from PIL import Image
+
+        return [Image.fromarray((m[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()) for m in maps]
 
     def denoise(self, x_T, cond, uncond, *, sampler, steps, cfg, rescale_cfg, noise, tile, knobs, on_step=None, x0_hook=None):
         model = ControlledModel(ControlledUNet(self.unet, self.controlnet))

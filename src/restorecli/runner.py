@@ -9,16 +9,19 @@ stdout). It returns the exit code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
 from .errors import RestoreError, UsageError
 from .options import RestoreOptions
-from .outputs import STDIO, OutputPlan, check_output, is_directory_target, plan_outputs
+from .outputs import STDIO, OutputPlan, check_output, format_of, is_directory_target, output_name, plan_outputs
 from .ui import Output
 
 
@@ -65,6 +68,8 @@ class Restored:
     icc_profile: bytes | None
     exif: bytes | None
     seed: int
+    guidance_map: np.ndarray | None = None  # HxW in [0, 1], with `--save-guidance-map`
+    guidance_map_path: str | None = None
 
     @property
     def width(self) -> int:
@@ -86,15 +91,21 @@ def read_input(path: str):
 
 
 def run_model(pipe, image, opts: RestoreOptions, *, on_step=None, source: str | None = None) -> Restored:
-    """Step 2: the pipeline on one decoded image (the only step that uses the device)."""
+    """Step 2: the pipeline on one decoded image (the only step that uses the device).
+
+    With `--save-guidance-map`, `opts.extra["guidance_maps"]` maps each input to its map's path; the
+    map comes back in the result for `write_output`."""
     from .imageio import from_float, resize_alpha
 
-    out = pipe(image.rgb, output_type="pt", on_step=on_step, source=source, **call_kwargs(opts))
+    map_path = opts.extra.get(GUIDANCE_MAPS, {}).get(source)
+    out = pipe(image.rgb, output_type="pt", on_step=on_step, source=source, return_guidance_map=map_path is not None,
+               **call_kwargs(opts))
     restored = out.images[0].permute(1, 2, 0).float().cpu().numpy()
     pixels = from_float(restored, image.bit_depth)
     height, width = pixels.shape[:2]
     alpha = resize_alpha(image.alpha, (width, height)) if image.alpha is not None else None
-    return Restored(pixels, alpha, image.output_icc_profile, image.exif, int(opts.seed))
+    weights = None if map_path is None else out.guidance_maps[0, 0].float().cpu().numpy()
+    return Restored(pixels, alpha, image.output_icc_profile, image.exif, int(opts.seed), weights, map_path)
 
 
 def write_output(dest: str | BinaryIO, restored: Restored, *, fmt: str | None, quality: int, overwrite: bool) -> None:
@@ -105,6 +116,35 @@ def write_output(dest: str | BinaryIO, restored: Restored, *, fmt: str | None, q
         dest, restored.pixels, alpha=restored.alpha, fmt=fmt, quality=quality, icc_profile=restored.icc_profile,
         exif=restored.exif, overwrite=overwrite,
     )
+    if restored.guidance_map_path is not None and restored.guidance_map is not None:
+        write_guidance_map(restored.guidance_map_path, restored.guidance_map, overwrite=overwrite)
+
+
+#: `RestoreOptions.extra` key: {input path: where to write its guidance weight map}.
+GUIDANCE_MAPS = "guidance_maps"
+
+
+def guidance_map_path(save_guidance_map: str, input_path: str, n_inputs: int) -> str:
+    """Where `--save-guidance-map PATH` writes an input's map: PATH itself for one input; in a folder (an
+    existing one, or PATH ending in `/`) as `<stem>_guidance.png`, which several inputs need."""
+    if is_directory_target(save_guidance_map):
+        return str(Path(save_guidance_map) / output_name(input_path, "_guidance", "png"))
+    if n_inputs != 1:
+        raise UsageError(f"--save-guidance-map FILE takes one input, got {n_inputs}; use --save-guidance-map DIR/")
+    if format_of(save_guidance_map) is None:
+        raise UsageError(
+            f"cannot tell the image format of {save_guidance_map!r} from its extension; use .png/.jpg/.webp/.tif"
+        )
+    return save_guidance_map
+
+
+def write_guidance_map(path: str, weight: np.ndarray, *, overwrite: bool) -> None:
+    """The region weight map (HxW in [0, 1]) as an 8-bit gray image (R = G = B, rounded), atomically."""
+    from .imageio import write_image
+
+    gray = np.clip(np.rint(weight * 255.0), 0, 255).astype(np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_image(path, np.repeat(gray[..., None], 3, axis=2), overwrite=overwrite)
 
 
 def restore_image(pipe, plan: OutputPlan, opts: RestoreOptions, *, overwrite: bool, fmt: str | None, quality: int,
@@ -146,10 +186,16 @@ def restore_files(
     if json_lines and to_stdout:
         raise UsageError("--json writes JSON lines to stdout; it cannot be combined with -o -")
     make_folders = output is not None and output != STDIO and is_directory_target(output)
+    if save_guidance_map is not None:
+        if opts.stage1_only:
+            raise UsageError("--save-guidance-map needs stage 2; it cannot be combined with --stage1-only")
+        maps = {p.input: guidance_map_path(save_guidance_map, p.input, len(plans)) for p in plans}
+        opts = dataclasses.replace(opts, extra={**opts.extra, GUIDANCE_MAPS: maps})
     entries: list = []
     for plan in plans:
         try:
             check_output(plan, overwrite=overwrite, all_inputs=inputs)
+            _check_guidance_map(plan, opts, overwrite=overwrite, all_inputs=inputs)
             entries.append(Job(plan.input, plan.output, make_folders=make_folders))
         except RestoreError as exc:
             entries.append(FileResult(plan.input, plan.output, "failed", error=str(exc)))
@@ -163,6 +209,16 @@ def restore_files(
     if json_lines:
         out.json_line(summary.as_json())
     return summary.exit_code
+
+
+def _check_guidance_map(plan: OutputPlan, opts: RestoreOptions, *, overwrite: bool, all_inputs: list[str]) -> None:
+    """The map obeys the output rules (never an input, kept unless --overwrite) and is not the image."""
+    path = opts.extra.get(GUIDANCE_MAPS, {}).get(plan.input)
+    if path is None:
+        return
+    if plan.output != STDIO and os.path.abspath(path) == os.path.abspath(plan.output):
+        raise UsageError(f"--save-guidance-map {path} would overwrite the restored image; choose another path")
+    check_output(OutputPlan(plan.input, path), overwrite=overwrite, all_inputs=all_inputs)
 
 
 class _ImageEvents:
