@@ -90,6 +90,18 @@ def test_rgb_loss_and_gradient_match_official(golden, stage2, loss):
     assert_close_rel(g_latent, tensors[f"rgb/{loss}/g_latent"], RTOL, what=f"rgb/{loss}/g_latent")
 
 
+def test_checkpointed_decoder_gives_the_same_guidance(golden, stage2):
+    """Gradient checkpointing (used with tiled sampling to bound memory) recomputes, it does not change."""
+    tensors, _ = golden
+    target = tensors["target_rgb_u8"].float() / 255 * 2 - 1
+    x0 = tensors["pred_x0_latent"]
+    plain = _guide(stage2["eps"], target, scale=0.1, loss="w_mse", space="rgb").step(x0, 0.5)
+    checkpointed = _guide(stage2["eps"], target, scale=0.1, loss="w_mse", space="rgb")
+    checkpointed.checkpoint = True
+    assert torch.equal(checkpointed.step(x0, 0.5), plain)
+    assert not stage2["eps"].vae.is_gradient_checkpointing
+
+
 def test_latent_target_loss_and_gradient_match_official(golden, stage2):
     """The target latent is a posterior SAMPLE (one draw of the generator), not the mode."""
     tensors, meta = golden

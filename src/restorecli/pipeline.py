@@ -355,6 +355,10 @@ class DiffBIRPipeline(DiffusionPipeline):
         full-size decoder, with gradient checkpointing to bound its memory (the tiled VAE has no
         backward pass).
         """
+        if settings.space == "rgb" and inputs.tile is not None:
+            log.warning("rgb-space guidance back-propagates through the VAE decoder of the whole %dx%d image at "
+                        "every step (about 3 GB per 512x512 pixels in float32, checkpointed); latent space does not",
+                        x_T.shape[-1] * VAE_SCALE, x_T.shape[-2] * VAE_SCALE)
         return RestorationGuidance(
             settings, self.guidance_target(inputs.cond_img, x_T), vae=self.vae,
             latent_scale_factor=self.latent_scale_factor, noise=noise, checkpoint=inputs.tile is not None,
