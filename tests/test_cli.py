@@ -153,3 +153,9 @@ def test_console_script_runs_and_keeps_stdout_clean(tmp_path):
     assert bad.returncode == 2
     assert bad.stdout == ""
     assert "error:" in bad.stderr and "--steps" in bad.stderr
+
+
+@pytest.mark.parametrize("flag", ["--guidance", "--cfg", "--strength", "--eta"])
+def test_non_finite_numbers_are_usage_errors(flag, capsys):
+    code, out, err = run(["photo.png", flag, "nan"], capsys)
+    assert code == 2 and f"`{flag}` must be a finite number" in err and out == ""

@@ -7,6 +7,7 @@ the version's defaults (PIPELINE.md 1.3) and checks the values. The library take
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -149,6 +150,13 @@ class RestoreOptions:
             if value not in allowed:
                 raise UsageError(f"`{name}` must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
+        for flag, value in (
+            ("--upscale", self.upscale), ("--cfg", self.cfg), ("--strength", self.strength),
+            ("--guidance", self.guidance), ("--s-churn", self.s_churn), ("--s-tmin", self.s_tmin),
+            ("--s-tmax", self.s_tmax), ("--s-noise", self.s_noise), ("--eta", self.eta),
+        ):
+            if value is not None and not math.isfinite(value):
+                raise UsageError(f"`{flag}` must be a finite number, got {value}")
         choice("--task", self.task, TASKS)
         if self.sampler is not None:
             choice("--sampler", self.sampler, SAMPLERS)
