@@ -675,7 +675,7 @@ def test_write_to_stdout_and_to_a_stream(monkeypatch):
 
 def test_write_rejects_bad_arrays_and_options(tmp_path):
     with pytest.raises(ValueError, match="`rgb`"):
-        write_image(tmp_path / "x.png", random_u8(4, 4))
+        write_image(tmp_path / "x.png", random_u8(4, 4, 2))  # HxW (gray) and HxWx3 only
     with pytest.raises(ValueError, match="`rgb`"):
         write_image(tmp_path / "x.png", np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError, match="`alpha`"):
@@ -851,3 +851,36 @@ def test_resize_alpha_is_pil_bicubic_and_keeps_the_dtype():
     assert wide.dtype == np.uint16 and wide.shape == (14, 18)
     unclipped = np.asarray(Image.fromarray(alpha16.astype(np.float32)).resize((18, 14), Image.Resampling.BICUBIC))
     assert np.array_equal(wide, np.clip(np.rint(unclipped), 0, 65535).astype(np.uint16))
+
+
+# -- grayscale outputs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext, dtype", [("png", np.uint8), ("png", np.uint16), ("tif", np.uint8), ("tif", np.uint16)])
+def test_gray_written_as_one_channel_lossless(tmp_path, ext, dtype):
+    rng = np.random.default_rng(7)
+    gray = rng.integers(0, np.iinfo(dtype).max + 1, (23, 31), dtype=dtype)
+    alpha = rng.integers(0, np.iinfo(dtype).max + 1, (23, 31), dtype=dtype)
+    for a in (None, alpha):
+        dest = tmp_path / f"g{'a' if a is not None else ''}.{ext}"
+        imageio.write_image(dest, gray, alpha=a)
+        back = imageio.read_image(dest)
+        # 16-bit gray+alpha TIFF is written as RGBA (Pillow cannot read the two-channel layout back)
+        assert back.is_gray or (ext, dtype, a is not None) == ("tif", np.uint16, True)
+        assert back.bit_depth == np.iinfo(dtype).bits
+        assert np.array_equal(back.rgb[..., 0], gray) and np.array_equal(back.rgb[..., 2], gray)
+        if a is not None:
+            assert np.array_equal(back.alpha, a)
+
+
+def test_non_contiguous_pixels_are_written(tmp_path):
+    rgb16 = np.random.default_rng(3).integers(0, 65536, (3, 12, 9), dtype=np.uint16).transpose(1, 2, 0)
+    assert not rgb16.flags.c_contiguous
+    imageio.write_image(tmp_path / "t.png", rgb16)
+    assert np.array_equal(imageio.read_image(tmp_path / "t.png").rgb, rgb16)
+
+
+def test_to_gray_uses_pillow_luminance_weights():
+    rgb = np.random.default_rng(4).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(rgb).convert("L")).astype(int)
+    assert np.abs(imageio.to_gray(rgb).astype(int) - expected).max() <= 1

@@ -117,6 +117,11 @@ class LoadedImage:
     def has_alpha(self) -> bool:
         return self.alpha is not None
 
+    @property
+    def is_gray(self) -> bool:
+        """True when the source stores one colour channel (1, L, LA, I;16...): outputs are written gray."""
+        return self.source_mode in _GRAY_MODES
+
 
 # ---------------------------------------------------------------------------------------------
 # Reading
@@ -357,6 +362,17 @@ _LOW_BYTE_RAWMODES = {
     for order, other in (("B", "L"), ("L", "B"), ("N", _NATIVE_OTHER))
 }
 _GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+#: Source modes with one colour channel; their outputs are written back as grayscale.
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "LA;16"})
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """HxWx3 -> HxW luminance with ITU-R 601 weights (as Pillow's convert("L")), same dtype, rounded."""
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+    top = np.iinfo(rgb.dtype).max
+    return np.clip(np.rint(rgb.astype(np.float64) @ weights), 0, top).astype(rgb.dtype)
+
+
 # Modes whose colour Pillow's convert("RGB") gives as the official reading does.
 _CONVERT_TO_RGB = ("RGBX", "YCbCr", "HSV", "LAB")
 
@@ -761,7 +777,8 @@ def write_image(
     exif: bytes | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Write `rgb` (HxWx3 uint8/uint16) and optional `alpha` (HxW) to `dest`, all or nothing.
+    """Write `rgb` (HxWx3 uint8/uint16, or HxW for grayscale) and optional `alpha` (HxW) to `dest`,
+    all or nothing.
 
     dest: a path, "-" (sys.stdout.buffer) or a binary stream; a stream gets the whole encoded file
     in one write, after encoding succeeded. A path is written through a temp file in its folder and
@@ -803,9 +820,11 @@ def encode_image(
 
 
 def _checked_pixels(rgb: np.ndarray, alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"`rgb` must be an HxWx3 uint8 or uint16 array, got shape {rgb.shape} {rgb.dtype}")
+    rgb = np.ascontiguousarray(rgb)  # views (e.g. a permuted tensor's numpy) cannot be reinterpreted as bytes
+    if rgb.ndim == 2:
+        rgb = rgb[..., None]
+    if rgb.ndim != 3 or rgb.shape[2] not in (1, 3) or rgb.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"`rgb` must be an HxWx3 (or HxW gray) uint8 or uint16 array, got shape {rgb.shape} {rgb.dtype}")
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ValueError(f"`rgb` must not be empty, got shape {rgb.shape}")
     if alpha is None:
@@ -813,6 +832,7 @@ def _checked_pixels(rgb: np.ndarray, alpha: np.ndarray | None) -> tuple[np.ndarr
     alpha = np.asarray(alpha)
     if alpha.shape != rgb.shape[:2] or alpha.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"`alpha` must be a {rgb.shape[:2]} uint8 or uint16 array, got {alpha.shape} {alpha.dtype}")
+    alpha = np.ascontiguousarray(alpha)
     if alpha.dtype != rgb.dtype:
         alpha = alpha.astype(np.uint16) * 257 if rgb.dtype == np.uint16 else _to_8bit(alpha)
     return rgb, alpha
@@ -846,6 +866,8 @@ def _encode(
         alpha = None if alpha is None else _to_8bit(alpha)
     pixels = rgb if alpha is None else np.concatenate([rgb, alpha[..., None]], axis=2)
     if image_format == "TIFF":
+        if pixels.shape[2] == 2 and pixels.dtype == np.uint16:  # Pillow cannot read 16-bit gray+alpha TIFF back
+            pixels = pixels[..., [0, 0, 0, 1]]
         _write_tiff(fp, pixels, icc_profile=icc_profile, exif=exif, label=label)
     elif image_format == "PNG" and pixels.dtype == np.uint16:
         _write_png16(fp, pixels, icc_profile=icc_profile, exif=exif)
@@ -859,7 +881,8 @@ def _encode(
             options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
         elif image_format == "WEBP":
             options.update(quality=quality)
-        Image.fromarray(np.ascontiguousarray(pixels)).save(fp, format=image_format, **options)
+        image = Image.fromarray(np.ascontiguousarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels))
+        image.save(fp, format=image_format, **options)
 
 
 def _exif_for_output(exif: bytes | None, label: str) -> bytes | None:
@@ -891,9 +914,9 @@ def _png_chunk(fp: BinaryIO, kind: bytes, data: bytes) -> None:
 
 
 def _write_png16(fp: BinaryIO, pixels: np.ndarray, *, icc_profile: bytes | None, exif: bytes | None) -> None:
-    """RGB or RGBA, 16 bits per sample, per-row adaptive None/Sub/Up filters (PNG spec 9, 12.8)."""
+    """Gray, gray+alpha, RGB or RGBA, 16 bits per sample, per-row adaptive None/Sub/Up filters (PNG spec 9, 12.8)."""
     height, width, channels = pixels.shape
-    colour_type = {3: 2, 4: 6}[channels]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
     fp.write(_PNG_SIGNATURE)
     _png_chunk(fp, b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
     if icc_profile:
@@ -949,7 +972,7 @@ def _write_tiff(
         257: height,  # ImageLength
         258: (bits,) * channels,  # BitsPerSample
         259: 8,  # Compression: Adobe deflate
-        262: 2,  # PhotometricInterpretation: RGB
+        262: 2 if channels >= 3 else 1,  # PhotometricInterpretation: RGB, or BlackIsZero (gray)
         273: tuple(int(x) for x in np.cumsum([0] + [len(s) for s in strips[:-1]])),  # StripOffsets, from the data start
         277: channels,  # SamplesPerPixel
         278: rows_per_strip,  # RowsPerStrip
@@ -958,7 +981,7 @@ def _write_tiff(
         317: 2,  # Predictor: horizontal differencing
         339: (1,) * channels,  # SampleFormat: unsigned
     }
-    if channels == 4:
+    if channels in (2, 4):
         layout[338] = (2,)  # ExtraSamples: unassociated alpha
     if icc_profile:
         layout[34675] = icc_profile  # ICCProfile

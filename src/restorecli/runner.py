@@ -95,13 +95,15 @@ def run_model(pipe, image, opts: RestoreOptions, *, on_step=None, source: str | 
 
     With `--save-guidance-map`, `opts.extra["guidance_maps"]` maps each input to its map's path; the
     map comes back in the result for `write_output`."""
-    from .imageio import from_float, resize_alpha
+    from .imageio import from_float, resize_alpha, to_gray
 
     map_path = opts.extra.get(GUIDANCE_MAPS, {}).get(source)
     out = pipe(image.rgb, output_type="pt", on_step=on_step, source=source, return_guidance_map=map_path is not None,
                **call_kwargs(opts))
     restored = out.images[0].permute(1, 2, 0).float().cpu().numpy()
     pixels = from_float(restored, image.bit_depth)
+    if image.is_gray:  # a grayscale scan comes back grayscale (the model's three channels, as luminance)
+        pixels = to_gray(pixels)
     height, width = pixels.shape[:2]
     alpha = resize_alpha(image.alpha, (width, height)) if image.alpha is not None else None
     weights = None if map_path is None else out.guidance_maps[0, 0].float().cpu().numpy()
@@ -139,12 +141,12 @@ def guidance_map_path(save_guidance_map: str, input_path: str, n_inputs: int) ->
 
 
 def write_guidance_map(path: str, weight: np.ndarray, *, overwrite: bool) -> None:
-    """The region weight map (HxW in [0, 1]) as an 8-bit gray image (R = G = B, rounded), atomically."""
+    """The region weight map (HxW in [0, 1]) as an 8-bit grayscale image (rounded), atomically."""
     from .imageio import write_image
 
     gray = np.clip(np.rint(weight * 255.0), 0, 255).astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_image(path, np.repeat(gray[..., None], 3, axis=2), overwrite=overwrite)
+    write_image(path, gray, overwrite=overwrite)
 
 
 def restore_image(pipe, plan: OutputPlan, opts: RestoreOptions, *, overwrite: bool, fmt: str | None, quality: int,
