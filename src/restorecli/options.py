@@ -163,7 +163,8 @@ class RestoreOptions:
         choice("--color-fix", self.color_fix, COLOR_FIXES)
         choice("--start-point", self.start_point, START_POINTS)
         choice("--captioner", self.captioner, CAPTIONERS)
-        choice("--device", self.device, DEVICES)
+        if self.device.split(":")[0] not in DEVICES or (":" in self.device and not self.device.startswith("cuda:")):
+            raise UsageError(f"`--device` must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
         if self.precision is not None:
             choice("--precision", self.precision, PRECISIONS)
         choice("--guidance-loss", self.guidance_loss, GUIDANCE_LOSSES)

@@ -8,7 +8,7 @@ key names and shapes of ``../shared/reference/manifest_full.json`` into a tempor
 2. second start: ``load_stage2`` from the cache,
 3. seconds per ControlledUNet call (64x64 latent, batch 2, fp32) on the models of the second start.
 
-Usage: python benchmarks/stage2_load.py [--workdir DIR] [--keep] [--calls N] [--device cpu]
+Usage: python benchmarks/stage2.py [--workdir DIR] [--keep] [--calls N] [--device cpu]
 """
 
 from __future__ import annotations
