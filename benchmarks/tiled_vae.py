@@ -1,6 +1,6 @@
 """Untiled VAE vs our exact tiled VAE vs diffusers' enable_tiling, on the full-size SD VAE architecture.
 
-    python benchmarks/tiled_vae.py                  # 512^2 and 1024^2, encode and decode (2 CPU cores: ~10 min)
+    python benchmarks/tiled_vae.py                  # 512^2 and 1024^2, encode and decode (~10 min, 2 idle cores)
     python benchmarks/tiled_vae.py --sizes 2048 --parts decode
     python benchmarks/tiled_vae.py --dtype float16         # on a GPU
 
