@@ -86,6 +86,17 @@ def _churn(x, sigma, n_steps, noise, s_churn, s_tmin, s_tmax, s_noise):
     return x, sigma_hat
 
 
+def _dpm_2_step(
+    denoise: Denoiser, x: torch.Tensor, d: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, i: int
+) -> torch.Tensor:
+    """DPM-Solver-2 step from sigma to sigma_next > 0 (Lu et al. 2022): Euler to the midpoint in log sigma,
+    then the whole step with the derivative there. ``d`` is dx/dsigma at (x, sigma)."""
+    sigma_mid = sigma.log().lerp(sigma_next.log(), 0.5).exp()
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = _to_d(x_2, sigma_mid, denoise(x_2, sigma_mid, i))
+    return x + d_2 * (sigma_next - sigma)
+
+
 def _done(on_step: OnStep | None, i: int, n: int) -> None:
     if on_step is not None:
         on_step(i + 1, n)
@@ -140,10 +151,7 @@ def sample_dpm_2(
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigma_hat)
         else:
-            sigma_mid = sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()
-            x_2 = x + d * (sigma_mid - sigma_hat)
-            d_2 = _to_d(x_2, sigma_mid, denoise(x_2, sigma_mid, i))
-            x = x + d_2 * (sigmas[i + 1] - sigma_hat)
+            x = _dpm_2_step(denoise, x, d, sigma_hat, sigmas[i + 1], i)
         _done(on_step, i, n)
     return x
 
@@ -177,10 +185,7 @@ def sample_dpm_2_ancestral(
         if sigma_down == 0:
             x = x + d * (sigma_down - sigmas[i])
         else:
-            sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
-            x_2 = x + d * (sigma_mid - sigmas[i])
-            d_2 = _to_d(x_2, sigma_mid, denoise(x_2, sigma_mid, i))
-            x = x + d_2 * (sigma_down - sigmas[i])
+            x = _dpm_2_step(denoise, x, d, sigmas[i], sigma_down, i)
             x = x + noise(x) * s_noise * sigma_up
         _done(on_step, i, n)
     return x
