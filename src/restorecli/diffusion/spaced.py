@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .cfg import GuidedModel
+from .discrete_cfg import guided_output
 from .hooks import OnStep, X0Hook, X0HookContext
 from .noise import NoiseSource
 from .schedules import SpacedSchedule
@@ -38,14 +39,10 @@ def sample_spaced(
     """
     sched = schedule
     total = len(sched.timesteps)
-    batch = x.shape[0]
     for step in range(total):
         index = total - 1 - step
         tau = int(sched.timesteps[index])
-        model_t = torch.full((batch,), tau, device=x.device, dtype=torch.long)
-        scale = model.scale_at(tau)
-        out_cond, out_uncond = model.branches(x, model_t, model.needs_uncond(scale))
-        out = GuidedModel.combine(out_cond, out_uncond, scale)
+        out = guided_output(model, x, tau)
 
         if parameterization == "eps":
             x0 = sched.sqrt_recip_alphas_cumprod[index] * x - sched.sqrt_recipm1_alphas_cumprod[index] * out
