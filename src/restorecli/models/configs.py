@@ -124,6 +124,28 @@ def _encoder_layout(section: str, cfg: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def _encoder_kwargs(lay: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs ``UNet2DConditionModel`` and ``IRControlNetModel`` share: the encoder of ``_encoder_layout``
+    and the fixed choices of the official blocks. The heads are not here: diffusers names them
+    ``attention_head_dim`` in the UNet and ``num_attention_heads`` in a ControlNet."""
+    return dict(
+        in_channels=lay["in_channels"],
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in lay["attention"]),
+        block_out_channels=tuple(lay["channels"]),
+        layers_per_block=lay["layers_per_block"],
+        transformer_layers_per_block=tuple(lay["depth"]),
+        cross_attention_dim=lay["context_dim"],
+        use_linear_projection=lay["linear"],
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        act_fn="silu",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        downsample_padding=1,
+        upcast_attention=False,
+    )
+
+
 def unet_config_from_ldm(unet_cfg: dict[str, Any]) -> dict[str, Any]:
     """``UNet2DConditionModel`` kwargs for the official ``UNetModel(**unet_cfg)``.
 
@@ -136,28 +158,13 @@ def unet_config_from_ldm(unet_cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = dict(unet_cfg)
     _check_keys("unet_cfg", cfg, _UNET_KEYS)
     lay = _encoder_layout("unet_cfg", cfg)
-    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in lay["attention"])
-    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(lay["attention"]))
     return dict(
+        **_encoder_kwargs(lay),
         sample_size=int(cfg.get("image_size") or 64),
-        in_channels=lay["in_channels"],
         out_channels=int(cfg.get("out_channels", lay["in_channels"])),
-        down_block_types=down,
         mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=up,
-        block_out_channels=tuple(lay["channels"]),
-        layers_per_block=lay["layers_per_block"],
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(lay["attention"])),
         attention_head_dim=tuple(lay["heads"]),
-        transformer_layers_per_block=tuple(lay["depth"]),
-        cross_attention_dim=lay["context_dim"],
-        use_linear_projection=lay["linear"],
-        norm_num_groups=32,
-        norm_eps=1e-5,
-        act_fn="silu",
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        downsample_padding=1,
-        upcast_attention=False,
     )
 
 
@@ -172,22 +179,9 @@ def controlnet_config_from_ldm(controlnet_cfg: dict[str, Any]) -> dict[str, Any]
         raise SetupError("controlnet_cfg lacks 'hint_channels' (channels of the condition latent)")
     lay = _encoder_layout("controlnet_cfg", cfg)
     return dict(
-        in_channels=lay["in_channels"],
+        **_encoder_kwargs(lay),
         conditioning_channels=int(cfg["hint_channels"]),
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in lay["attention"]),
-        block_out_channels=tuple(lay["channels"]),
-        layers_per_block=lay["layers_per_block"],
         num_attention_heads=tuple(lay["heads"]),
-        transformer_layers_per_block=tuple(lay["depth"]),
-        cross_attention_dim=lay["context_dim"],
-        use_linear_projection=lay["linear"],
-        norm_num_groups=32,
-        norm_eps=1e-5,
-        act_fn="silu",
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        downsample_padding=1,
-        upcast_attention=False,
     )
 
 
