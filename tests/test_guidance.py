@@ -365,7 +365,7 @@ def test_guidance_zero_is_byte_identical_and_the_map_is_written(reference_dir, t
     (["--guidance-space", "pixel"], "`--guidance-space` must be one of latent, rgb"),
     (["--guidance-loss", "l1"], "`--guidance-loss` must be one of w_mse, mse"),
     (["--guidance-repeat", "0"], "`--guidance-repeat` must be >= 1"),
-    (["--guidance", "nan"], "`guidance` must be a finite number"),
+    (["--guidance", "nan"], "`--guidance` must be a finite number"),
     (["--save-guidance-map", "map.png", "--stage1-only"], "--save-guidance-map needs stage 2"),
     (["--save-guidance-map", "map.unknown"], "cannot tell the image format"),
 ])
