@@ -65,6 +65,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -223,6 +224,8 @@ class RestorationGuidance:
     hook runs: before the spaced / DDIM step's own draw). ``checkpoint``: rgb space only, recompute the
     decoder's up blocks in the backward pass instead of storing their activations (diffusers' gradient
     checkpointing): same numbers, less memory, about one more decoder forward per guidance iteration.
+    ``encode``: latent space only, ``target -> posterior moments (mean, logvar)`` used instead of
+    ``vae.encode`` (the pipeline passes the exact tiled encoder for large images: same numbers).
 
     After a run, ``applied`` counts guidance iterations and ``losses`` holds each iteration's loss.
     """
@@ -236,6 +239,7 @@ class RestorationGuidance:
         latent_scale_factor: float,
         noise: NoiseSource,
         checkpoint: bool = False,
+        encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if target.dim() != 4 or target.shape[1] != 3:
             raise ValueError(f"the guidance target must be (N, 3, H, W), got shape {tuple(target.shape)}")
@@ -246,6 +250,7 @@ class RestorationGuidance:
         self.latent_scale_factor = float(latent_scale_factor)
         self.noise = noise
         self.checkpoint = bool(checkpoint)
+        self.encode = encode
         self.target = target.float()
         self.weight = weight_map((self.target + 1) / 2)  # rgb resolution, used for w_mse and for saving
         self.applied = 0
@@ -266,7 +271,12 @@ class RestorationGuidance:
         """(mean, std) of the VAE posterior q(z | target), unscaled, float32; encoded once."""
         if self._posterior is None:
             vae = self.vae
-            dist = vae.encode(self.target.to(device=vae.device, dtype=vae.dtype)).latent_dist
+            if self.encode is not None:
+                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+                dist = DiagonalGaussianDistribution(self.encode(self.target))
+            else:
+                dist = vae.encode(self.target.to(device=vae.device, dtype=vae.dtype)).latent_dist
             self._posterior = (dist.mean.float(), dist.std.float())
         return self._posterior
 
