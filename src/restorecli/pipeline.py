@@ -542,7 +542,8 @@ class DiffBIRPipeline(DiffusionPipeline):
             guide = self.prepare_guidance(inputs, x_T, noise, guidance) if guidance.enabled else None
             hooks.append(guide)
             return self.denoise(x_T, cond, uncond, sampler=sampler, steps=steps, cfg=cfg, rescale_cfg=rescale_cfg,
-                                noise=noise, tile=tile, knobs=knobs, on_step=on_step, x0_hook=guide)
+                                noise=noise, tile=tile, knobs=knobs, on_step=on_step, x0_hook=guide,
+                                batch_cfg=False if inputs.plan is not None and inputs.plan.unbatched_cfg else None)
 
         h0, w0 = inputs.cond_img.shape[-2:]
         z = self._run_stage(
@@ -551,14 +552,17 @@ class DiffBIRPipeline(DiffusionPipeline):
         )
         return z, hooks[-1]
 
-    def denoise(self, x_T, cond, uncond, *, sampler, steps, cfg, rescale_cfg, noise, tile, knobs, on_step=None, x0_hook=None):
-        """The sampler over the UNet + IRControlNet (and the VAE when guidance needs it), on the device."""
+    def denoise(self, x_T, cond, uncond, *, sampler, steps, cfg, rescale_cfg, noise, tile, knobs, on_step=None, x0_hook=None,
+                batch_cfg: bool | None = None):
+        """The sampler over the UNet + IRControlNet (and the VAE when guidance needs it), on the device.
+        `batch_cfg`: False when the plan has room for one branch per call only; None: `cfg_batching()`."""
         model = ControlledModel(ControlledUNet(self.unet, self.controlnet))
         modules = (self.unet, self.controlnet) + ((self.vae,) if x0_hook is not None else ())
         with self.placement.using(*modules):
             return sample(
                 sampler, model, x_T, schedule=self.schedule, steps=int(steps), cond=cond, uncond=uncond,
-                cfg=float(cfg), rescale_cfg=rescale_cfg, noise=noise, tile=tile, batch_cfg=self.cfg_batching(),
+                cfg=float(cfg), rescale_cfg=rescale_cfg, noise=noise, tile=tile,
+                batch_cfg=self.cfg_batching() if batch_cfg is None else batch_cfg,
                 on_step=on_step, x0_hook=x0_hook, **knobs,
             )
 

@@ -29,11 +29,20 @@ repeats the measurements; CPU: peak resident set over the resident set before th
 glibc told to return freed memory at once, see benchmarks/common.py):
 
 * UNet + IRControlNet, fp32, PyTorch SDPA attention (flash kernels on CPU and CUDA keep attention
-  linear in the number of tokens): 137 MiB at 32x32 latent, 183 MiB at 64x64 (batch 1), a slope of
-  15.7 KB per latent pixel = 9.7 bytes per "skip float" (the channel-pixels of the skip activations a
-  diffusers UNet keeps per latent pixel, 1620 for SD 2.1, which the ControlNet's residuals double).
-  Used: SAMPLING_BYTES_PER_SKIP_FLOAT = 10.5 (+8%) and SAMPLING_FIXED_BYTES = 160 MiB. Other UNets
-  (tiny test models, custom descriptions) scale both with their own skip floats.
+  linear in the number of tokens), one call, batch 1, over the resident set after a warm-up call:
+
+      latent     32x32    64x64    96x96    128x128
+      measured   144 MB   192 MB   404 MB   708 MB
+
+  Beyond a fixed ~150 MB (oneDNN's weight copies and scratch, reached at small sizes) the cost is
+  42.5 KB per latent pixel (96^2 -> 128^2; the GEGLU feed-forward of the first level alone holds 2560
+  channels per pixel) = 26.2 bytes per "skip float" (the channel-pixels of the skip activations a
+  diffusers UNet keeps per latent pixel, 1620 for SD 2.1; other UNets - tiny test models, custom
+  descriptions - are scaled by their own). Used: max(SAMPLING_FIXED_BYTES = 160 MiB, 28 bytes per skip
+  float = 45.4 KB per latent pixel, x batch): within 5% from 64x64 up (above at 96^2 and 128^2),
+  17% above at 32x32.
+  Batched cfg (cond + uncond in one call) doubles the per-pixel part; when only the unbatched call fits,
+  the planner turns batching off before it resorts to tiles (same result up to float rounding).
 * Half precision: activations take half the bytes; HALF_FACTOR = 0.6 as for stage 1 (memory.py).
 * Devices whose SDPA may fall back to the math kernel (MPS) add the quadratic attention matrix of the
   first transformer level (heads x tokens^2).
@@ -46,8 +55,12 @@ glibc told to return freed memory at once, see benchmarks/common.py):
   tiles: 9 GiB for a 2048^2 fp32 decode. The planner therefore tries, cheapest first: plain; tiled;
   tiled with the paused tiles in host memory (CUDA); tiled with recomputation (about one feature map,
   ~+35% time); both.
-* Colour fix and final resize: the wavelet fix keeps about eight image-sized float32 tensors alive
-  (content, style, high, low, the padded blur input, the sum): POST_BYTES_PER_PIXEL = 128.
+* Colour fix and final resize (wavelet): 212 and 205 bytes per pixel measured at 512^2 and 1024^2
+  (benchmarks/run.py, "colour fix"; content, style, high, low, the padded blur inputs, the sum, the
+  resized copy): POST_BYTES_PER_PIXEL = 232.
+* Stage 1 (its own plan, memory.py) and the VAE estimates agree with benchmarks/run.py within 15%:
+  stage 1 231 / 866 MiB measured at 512^2 / 1024^2 (262 MB / 1.05 GB estimated), plain encode 641 /
+  2561 MiB (0.7 / 2.7 GiB), plain decode 962 / 3842 MiB (1.0 / 4.1 GiB).
 * rgb-space guidance: about 3 GB per 512x512 pixels in float32 with a checkpointed decoder
   (benchmarks/guidance.py): 11.5 KB per pixel.
 """
@@ -67,7 +80,7 @@ from .memory import SAFETY, available_memory
 log = logging.getLogger("restorecli.planning")
 
 VAE_SCALE = 8
-SAMPLING_BYTES_PER_SKIP_FLOAT = 10.5
+SAMPLING_BYTES_PER_SKIP_FLOAT = 28
 SAMPLING_FIXED_BYTES = 160 << 20
 SD21_SKIP_FLOATS = 1620
 #: x, the start latent, the condition, the solver's history (up to 3 earlier outputs), the tiled
@@ -75,7 +88,7 @@ SD21_SKIP_FLOATS = 1620
 SAMPLER_LATENT_BUFFERS = 16
 HALF_FACTOR = 0.6
 VAE_CPU_FACTOR = 1.35
-POST_BYTES_PER_PIXEL = 128
+POST_BYTES_PER_PIXEL = 232
 #: cond_img, its padded copy for the encoder, the decoded image: float32 RGB, alive through stage 2.
 IMAGE_BYTES_PER_PIXEL = 36
 GUIDANCE_RGB_BYTES_PER_PIXEL = 11_500
@@ -112,7 +125,7 @@ def sampling_peak_bytes(unet_config, h: int, w: int, *, batch: int = 1, dtype=to
                         device: torch.device | str = "cpu") -> int:
     """One UNet + IRControlNet call on a (batch, 4, h, w) latent (see the module docstring)."""
     skip = skip_floats_per_latent_pixel(unet_config)
-    model = SAMPLING_BYTES_PER_SKIP_FLOAT * skip * batch * h * w + SAMPLING_FIXED_BYTES * skip / SD21_SKIP_FLOATS
+    model = max(SAMPLING_BYTES_PER_SKIP_FLOAT * skip * batch * h * w, SAMPLING_FIXED_BYTES * skip / SD21_SKIP_FLOATS)
     if torch.device(device).type not in ("cpu", "cuda"):  # SDPA may use the math kernel: q k^T in memory
         heads = unet_config.get("attention_head_dim") or 8
         heads = heads[0] if isinstance(heads, (list, tuple)) else heads
@@ -163,7 +176,8 @@ class VaeChoice:
 class MemoryPlan:
     """Stage-2 choices for one image: `encode` / `decode` (a VaeChoice each; tiles in image pixels for the
     encoder, latent pixels for the decoder), `sample_tile` = (size, stride) in latent pixels (the official
-    tiled sampling; None = untiled; `sample_tile_auto` when the planner chose it), `post_on_cpu` (the
+    tiled sampling; None = untiled; `sample_tile_auto` when the planner chose it), `cfg_batch` (2: cond
+    and uncond in one call; 1: two calls, also when batching was asked for but only one call fits), `post_on_cpu` (the
     colour fix in host memory). `estimates`: bytes per stage as planned; `untiled`: the plain stage's
     estimate where a tiled one was chosen."""
 
@@ -172,6 +186,8 @@ class MemoryPlan:
     encode: VaeChoice = field(default_factory=VaeChoice)
     sample_tile: tuple[int, int] | None = None
     sample_tile_auto: bool = False
+    cfg_batch: int = 1
+    unbatched_cfg: bool = False
     decode: VaeChoice = field(default_factory=VaeChoice)
     post_on_cpu: bool = False
     estimates: dict[str, int] = field(default_factory=dict)
@@ -265,7 +281,15 @@ def plan_stage2(
         if h1 >= size and w1 >= size:
             plan.sample_tile = (size, max(1, stride))
     h, w = _latent_size(h0, w0, 64)
-    whole = sampling_peak_bytes(unet_config, h, w, batch=cfg_batch, dtype=dtype, device=device) + sampler_buffer_bytes(h, w)
+
+    def untiled_sampling(batch: int) -> int:
+        return sampling_peak_bytes(unet_config, h, w, batch=batch, dtype=dtype, device=device) + sampler_buffer_bytes(h, w)
+
+    whole = untiled_sampling(cfg_batch)
+    if cfg_batch > 1 and whole > room and plan.sample_tile is None and untiled_sampling(1) <= room:
+        cfg_batch, whole = 1, untiled_sampling(1)  # two calls instead of tiles: the same result
+        plan.unbatched_cfg = True
+    plan.cfg_batch = cfg_batch
     plan.untiled["sampling"] = whole
     if plan.sample_tile is None and not tile_size and whole > room:
         plan.sample_tile = sample_tile_for(unet_config, h0, w0, room, batch=cfg_batch, dtype=dtype, device=device)
@@ -297,7 +321,7 @@ def plan_stage2(
     plan.estimates["post"] = POST_BYTES_PER_PIXEL * out_pixels
     plan.post_on_cpu = device.type != "cpu" and plan.estimates["post"] > room
     for name in ("encode", "decode", "sampling"):
-        if plan.untiled.get(name) == plan.estimates.get(name):
+        if plan.untiled.get(name) == plan.estimates.get(name) or plan.untiled.get(name) == 0:
             plan.untiled.pop(name, None)
     return plan
 

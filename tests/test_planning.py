@@ -1,0 +1,403 @@
+"""Memory planning, the out-of-memory retry, model placement and the speed settings (issue 7).
+
+Planner decisions are pure functions of sizes and budgets (fast). The pipeline tests run the tiny
+reference model (../shared/reference/model_v.json) on a 45x45 input (stage 1 lifts it to 512x512, a
+64x64 latent) a few times, sharing one untiled reference run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_close_rel
+from restorecli import planning
+from restorecli.errors import InputError
+from restorecli.planning import (
+    MIN_SAMPLE_TILE,
+    is_out_of_memory,
+    plan_stage2,
+    sample_tile_for,
+    sampling_peak_bytes,
+    VaeChoice,
+    leaner_vae_choice,
+    smaller_sample_tile,
+    smaller_vae_tile,
+    vae_peak_bytes,
+)
+
+GiB = 2**30
+SD_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20, 20))
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def plan(h, w, budget, **kw):
+    return plan_stage2(h, w, vae_config=SD_VAE, unet_config=SD_UNET, budget=budget, **kw)
+
+
+# -- the planner ---------------------------------------------------------------------------------------
+
+
+def test_sd21_sampling_estimate_is_the_measured_one():
+    """Measured one-call peaks at 64^2, 96^2, 128^2 latents (planning docstring), within 5%."""
+    for side, measured in ((64, 192e6), (96, 404e6), (128, 708e6)):
+        assert abs(sampling_peak_bytes(SD_UNET, side, side) / measured - 1) < 0.05
+    assert sampling_peak_bytes(SD_UNET, 64, 64, batch=2) > sampling_peak_bytes(SD_UNET, 64, 64)
+    assert sampling_peak_bytes(SD_UNET, 64, 64, dtype=torch.float16) < sampling_peak_bytes(SD_UNET, 64, 64)
+
+
+def test_a_large_budget_keeps_everything_untiled():
+    p = plan(2048, 2048, 1 << 50)
+    assert (p.encode_tile, p.sample_tile, p.decode_tile) == (None, None, None)
+    assert p.pad == 64 and not p.sample_tile_auto and not p.untiled
+
+
+def test_a_small_budget_tiles_the_vae_and_then_sampling():
+    # CPU, 6 GiB: the plain 2048^2 VAE needs 11-16 GiB; its exact tiles fit (the decoder recomputing its
+    # inner activations), untiled sampling (~1.2 GiB at a 256x256 latent) fits too
+    p = plan(2048, 2048, 6 * GiB)
+    assert p.encode.tile and p.decode.tile and p.decode.recompute and not p.decode.offload
+    assert p.sample_tile is None and p.pad == 64
+    for name in ("encode", "decode"):
+        assert p.estimates[name] <= 6 * GiB < p.untiled[name]
+    # CUDA, 2 GiB: the paused tiles wait in host memory instead (no recomputation)
+    p = plan(2048, 2048, 2 * GiB, device="cuda")
+    assert p.decode.tile and p.decode.offload and not p.decode.recompute and p.estimates["decode"] <= 2 * GiB
+    # 600 MiB: sampling must tile too, with the largest latent tile that fits, stride half of it
+    p = plan(2048, 2048, 600 << 20)
+    assert p.sample_tile_auto and p.pad == 8
+    size, stride = p.sample_tile
+    assert size % 8 == 0 and stride == size // 2 and MIN_SAMPLE_TILE <= size <= 256
+    assert p.estimates["sampling"] <= (600 << 20) < p.untiled["sampling"]
+    buffers = p.estimates["sampling"] - sampling_peak_bytes(SD_UNET, size, size)
+    room = (600 << 20) - planning.IMAGE_BYTES_PER_PIXEL * 2048 * 2048
+    assert sampling_peak_bytes(SD_UNET, size + 8, size + 8) + buffers > room  # the largest that fits
+    assert "tiles of" in p.describe()
+
+
+def test_explicit_tiles_win():
+    p = plan(1024, 1024, 1 << 50, tile_size=512, tile_stride=256)
+    assert p.sample_tile == (64, 32) and not p.sample_tile_auto and p.pad == 8
+    p = plan(1024, 1024, 100 << 20, tile_size=384)
+    assert p.sample_tile == (48, 24) and not p.sample_tile_auto
+    # an image smaller than the tile samples untiled (upstream's fallback), and pads to 64 again
+    p = plan(512, 512, 1 << 50, tile_size=1024)
+    assert p.sample_tile is None and p.pad == 64
+
+
+def test_unbatched_cfg_comes_before_tiles():
+    """When only one branch per call fits, cfg runs in two calls (same result) instead of in tiles."""
+    p = plan(2048, 2048, 4 * GiB, cfg_batch=2)
+    assert p.unbatched_cfg and p.cfg_batch == 1 and p.sample_tile is None
+    p = plan(2048, 2048, 1 << 50, cfg_batch=2)
+    assert not p.unbatched_cfg and p.cfg_batch == 2
+
+
+def test_batched_cfg_and_guidance_are_planned_for():
+    one = plan(2048, 2048, 1 << 50, cfg_batch=1).estimates["sampling"]
+    two = plan(2048, 2048, 1 << 50, cfg_batch=2).estimates["sampling"]
+    assert two > 1.8 * one - (200 << 20)
+    p = plan(1024, 1024, 1 << 50, guidance_space="latent")
+    assert p.estimates["guidance"] == p.estimates["encode"]
+    p = plan(1024, 1024, 1 << 50, guidance_space="rgb")
+    assert p.estimates["guidance"] > 10 * GiB
+
+
+def test_vae_estimates_shrink_with_the_tile():
+    untiled = vae_peak_bytes(SD_VAE, 2048, 2048, None, part="decode")
+    tiled = [vae_peak_bytes(SD_VAE, 2048, 2048, t, part="decode") for t in (128, 64, 32)]
+    assert untiled > tiled[0] > tiled[1] > tiled[2]
+    assert vae_peak_bytes(SD_VAE, 512, 512, None, part="encode", device="cpu") > vae_peak_bytes(
+        SD_VAE, 512, 512, None, part="encode", device="cuda")  # oneDNN's copies on the CPU
+
+
+def test_sample_tile_bounds():
+    assert sample_tile_for(SD_UNET, 64, 64, 1) is None  # an 8x8 latent cannot be tiled
+    assert sample_tile_for(SD_UNET, 2048, 600, 1 << 50) == (72, 36)  # the latent's short side, a multiple of 8
+    assert sample_tile_for(SD_UNET, 2048, 2048, 1) == (MIN_SAMPLE_TILE, MIN_SAMPLE_TILE // 2)
+
+
+def test_smaller_tiles_after_out_of_memory():
+    assert smaller_vae_tile(None, 1024, part="encode") == 512
+    assert smaller_vae_tile(256, 1024, part="encode") == 128
+    assert smaller_vae_tile(64, 1024, part="encode") is None
+    assert smaller_vae_tile(None, 128, part="decode") == 64
+    assert smaller_vae_tile(8, 128, part="decode") is None
+    assert leaner_vae_choice(VaeChoice(), 1024, part="encode", device="cpu") == VaeChoice(512, True, False)
+    assert leaner_vae_choice(VaeChoice(64), 1024, part="encode", device="cuda") == VaeChoice(64, True, True)
+    assert leaner_vae_choice(VaeChoice(64, True), 1024, part="encode", device="cpu") is None
+    assert smaller_sample_tile(None, 1024, 768) == (48, 24)
+    assert smaller_sample_tile((64, 32), 1024, 1024) == (32, 16)
+    assert smaller_sample_tile((8, 4), 1024, 1024) is None
+
+
+def test_out_of_memory_errors_are_recognised():
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+# -- the pipeline ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe(reference_dir):
+    from restorecli.pipeline import DiffBIRPipeline
+
+    return DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photo(reference_dir):
+    return np.asarray(Image.open(reference_dir / "inputs" / "blur_45x45.png").convert("RGB"))
+
+
+CALL = dict(upscale=1, steps=2, sampler="edm_euler_a", cfg=3.0, prompt="a photo", negative_prompt="blurry",
+            seed=5, output_type="pt")
+
+
+@pytest.fixture(scope="module")
+def reference(pipe, photo):
+    """The untiled run (the tiny model fits any budget)."""
+    out = pipe(photo, **CALL)
+    assert (out.plan.encode_tile, out.plan.sample_tile, out.plan.decode_tile) == (None, None, None)
+    return out.images
+
+
+def _force_tiles(monkeypatch, **tiles):
+    """Make the pipeline's planner return these tiles (everything else as planned)."""
+    import restorecli.pipeline as pl
+
+    original = pl.plan_stage2
+
+    def forced(*args, **kw):
+        p = original(*args, **kw)
+        for k, v in tiles.items():
+            setattr(p, k, v)
+        return p
+
+    monkeypatch.setattr(pl, "plan_stage2", forced)
+
+
+@pytest.mark.slow
+def test_tiled_vae_in_the_pipeline_gives_the_untiled_image(pipe, photo, reference, monkeypatch):
+    from restorecli.planning import VaeChoice
+
+    _force_tiles(monkeypatch, encode=VaeChoice(128), decode=VaeChoice(16, recompute=True))
+    out = pipe(photo, **CALL)
+    assert (out.plan.encode_tile, out.plan.decode_tile) == (128, 16)
+    assert_close_rel(out.images, reference, 1e-4, what="tiled VAE vs untiled")
+
+
+@pytest.mark.slow
+def test_decode_out_of_memory_is_retried_with_tiles(pipe, photo, reference, monkeypatch, caplog):
+    import restorecli.pipeline as pl
+
+    calls = []
+    real = pl.vae_decode
+
+    def failing_once(models, z):
+        calls.append(tuple(z.shape))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(models, z)
+
+    monkeypatch.setattr(pl, "vae_decode", failing_once)
+    encoded = []
+    monkeypatch.setattr(pl, "encode_prompt", lambda models, prompts: encoded.append(prompts) or torch.zeros(1))
+    with caplog.at_level(logging.WARNING, logger="restorecli"):
+        out = pipe(photo, **CALL, source="photo.png")
+    assert len(calls) == 1  # the retry ran the tiled decoder (32-latent-pixel tiles), not vae_decode
+    assert "out of memory in decode" in caplog.text and "tiles of 32 latent px (recompute) VAE" in caplog.text
+    assert_close_rel(out.images, reference, 1e-4, what="decode after the retry")
+    assert encoded == [], "the prompt embeddings are cached: no text encoding on a second image"
+
+
+@pytest.mark.slow
+def test_sampling_retry_draws_the_same_noise(pipe, photo, reference, monkeypatch, caplog):
+    """An out-of-memory error in the middle of sampling; the retry starts from the same generator state
+    (a retry 'tile' larger than the latent samples untiled, so it must give the reference exactly)."""
+    import restorecli.pipeline as pl
+    from restorecli.models.cldm import ControlledUNet
+
+    monkeypatch.setattr(pl, "smaller_sample_tile", lambda tile, h, w: (512, 256))
+    real_forward = ControlledUNet.forward
+    count = [0]
+
+    def failing_third_call(self, *a, **k):  # step 2, after the draw of step 1
+        count[0] += 1
+        if count[0] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(ControlledUNet, "forward", failing_third_call)
+    with caplog.at_level(logging.WARNING, logger="restorecli"):
+        out = pipe(photo, **CALL)
+    assert "out of memory in sampling" in caplog.text
+    assert torch.equal(out.images, reference)
+
+
+def test_latent_guidance_can_encode_its_target_in_exact_tiles(pipe):
+    """The pipeline hands latent-space guidance the tiled encoder when the condition was tiled."""
+    from restorecli.diffusion.guidance import GuidanceSettings, RestorationGuidance
+    from restorecli.diffusion.noise import GeneratorNoise
+    from restorecli.diffusion.tiled_vae import tiled_encode
+
+    target = torch.rand(1, 3, 96, 80, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+    def guide(encode=None):
+        return RestorationGuidance(GuidanceSettings(0.1, "mse", "latent"), target, vae=pipe.vae,
+                                   latent_scale_factor=pipe.latent_scale_factor, noise=GeneratorNoise.from_seed(0),
+                                   encode=encode)
+
+    plain = guide().posterior()
+    tiled = guide(lambda x: tiled_encode(pipe.vae, x, tile_size=32)).posterior()
+    for a, b, what in zip(tiled, plain, ("mean", "std")):
+        assert_close_rel(a, b, 1e-4, what=what)
+
+
+def test_a_second_out_of_memory_error_fails_this_image_only(pipe):
+    """`_run_stage`: one retry with the smaller setting, then an InputError naming the file."""
+    seen = []
+
+    def always(setting):
+        seen.append(setting)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(InputError, match=r"^big\.png: too large for the available memory: decode ran out of memory even with 32"):
+        pipe._run_stage("decode", always, None, lambda t: 32, lambda t: f"{t} tiles", "big.png")
+    assert seen == [None, 32]
+    with pytest.raises(InputError, match="no smaller tiles"):
+        pipe._run_stage("decode", always, 8, lambda t: None, str, "big.png")
+    with pytest.raises(ValueError):  # other errors are not retried
+        pipe._run_stage("decode", lambda s: (_ for _ in ()).throw(ValueError("bad")), None, lambda t: 1, str, None)
+
+
+def _recording_placement(pipe, offload: bool):
+    """A Placement on a pretend accelerator: no real moves, but where each model is, is recorded."""
+    from restorecli.placement import Placement
+
+    names = {id(pipe.cleaner): "cleaner", id(pipe.text_encoder): "text_encoder", id(pipe.vae): "vae",
+             id(pipe.unet): "unet", id(pipe.controlnet): "controlnet"}
+    where = {n: "device" for n in names.values()}
+
+    class Recording(Placement):
+        active = True
+
+        def to_device(self, *modules):
+            where.update({names[id(m)]: "device" for m in modules if m is not None})
+
+        def to_host(self, *modules):
+            where.update({names[id(m)]: "host" for m in modules if m is not None})
+
+    return Recording("cpu", offload=offload), where
+
+
+@pytest.mark.slow
+def test_idle_models_leave_the_device_and_offload_gives_the_same_image(pipe, photo, reference, monkeypatch):
+    import restorecli.pipeline as pl
+
+    placement, where = _recording_placement(pipe, offload=False)
+    monkeypatch.setattr(pipe, "placement", placement)
+    monkeypatch.setattr(pipe, "_prompt_cache", {})  # encode the prompts again
+    pipe.set_offload(True)
+    assert where == {"cleaner": "device", "text_encoder": "host", "vae": "host", "unet": "host", "controlnet": "host"}
+    during = {}
+    real_sample = pl.sample
+
+    def sample(*args, **kwargs):
+        during.update(where)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(pl, "sample", sample)
+    out = pipe(photo, **CALL)
+    assert torch.equal(out.images, reference)
+    assert during == {"cleaner": "host", "text_encoder": "host", "vae": "host", "unet": "device", "controlnet": "device"}
+    assert set(where.values()) == {"host"}  # after the image, everything waits in host memory
+
+
+def test_cfg_is_batched_on_accelerators_only(pipe, monkeypatch):
+    assert pipe.cfg_batching() is None  # CPU: upstream's call pattern
+    from restorecli.placement import Placement
+
+    monkeypatch.setattr(pipe, "placement", Placement("cuda"))
+    assert pipe.cfg_batching() is True
+    monkeypatch.setattr(pipe, "batch_cfg", False)
+    assert pipe.cfg_batching() is False
+
+
+def test_load_uses_sdpa_attention_and_compiles_on_request(reference_dir, monkeypatch):
+    from restorecli.loading import load_pipeline, use_sdpa
+    from restorecli.options import RestoreOptions
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    opts = RestoreOptions(model=str(reference_dir / "model_v.json"), device="cpu", compile=True, offload=True)
+    p = load_pipeline(opts)
+    assert sorted(compiled) == ["IRControlNetModel", "UNet2DConditionModel"]
+    for module in (p.unet, p.controlnet, p.vae):
+        assert use_sdpa(module) == {"AttnProcessor2_0"}
+    assert p.placement.offload and not p.placement.active  # offload is a no-op on the CPU
+    assert p.unet.conv_in.weight.is_contiguous()  # channels-last only on CUDA
+
+
+# -- the CLI -----------------------------------------------------------------------------------------------
+
+
+def test_max_memory_reaches_the_pipeline(tmp_path, monkeypatch, capsys):
+    import _fake_pipeline
+
+    built = _fake_pipeline.install(monkeypatch)
+    seen = []
+    real_call = _fake_pipeline.FakePipeline.__call__
+
+    def call(self, rgb, **kw):
+        seen.append(kw.get("max_memory"))
+        return real_call(self, rgb, **kw)
+
+    monkeypatch.setattr(_fake_pipeline.FakePipeline, "__call__", call)
+    src = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
+    from restorecli.cli import main
+
+    assert main([str(src), "-o", str(tmp_path / "b.png"), "--max-memory", "1.5GB"]) == 0, capsys.readouterr().err
+    assert built and seen == [int(1.5 * 2**30)]
+    assert main([str(src), "-o", str(tmp_path / "c.png"), "--max-memory", "lots"]) == 2
+    assert "--max-memory` must look like 8GB" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_max_memory_end_to_end_tiles_and_says_so(reference_dir, tmp_path, monkeypatch, capsys):
+    """A real run through the CLI with a tiny budget: stage 1, the VAE and sampling all tile, the
+    automatic sampling tiles are announced on stderr, and the image is written."""
+    from restorecli.cli import main
+
+    monkeypatch.chdir(reference_dir)
+    out = tmp_path / "out.png"
+    code = main(["inputs/blur_45x45.png", "-o", str(out), "--model", "model_v.json", "--upscale", "1", "--steps", "1",
+                 "--cfg", "1", "--device", "cpu", "--max-memory", "16MB"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "sampling 512x512 in tiles of" in " ".join(err.split())
+    assert Image.open(out).size == (45, 45)
