@@ -239,6 +239,27 @@ def test_too_small_for_the_upscale_is_an_input_error(tiny_x2):
         s1.run_stage1(_image(1, 3), tiny_x2, upscale=0.5, source="tiny.png")
 
 
+def test_condition_size_is_the_512_rule():
+    assert s1.condition_size((1200, 4)) == (153600, 512)  # 512 / 4 = 128x stretch
+    assert s1.condition_size((53, 37)) == (733, 512)  # int(53 * 512 / 37)
+    assert s1.condition_size((300, 300)) == (512, 512)
+    assert s1.condition_size((600, 20000)) == (600, 20000)  # short side already >= 512: untouched
+
+
+def test_a_thin_strip_is_refused_before_any_work(tiny_x2, monkeypatch):
+    # x4 of a 1x300 strip is 4x1200; the 512 rule would make it 512x153600 (78.6 MP) of diffusion
+    monkeypatch.setattr(tiny_x2, "run", lambda *a, **k: pytest.fail("the cleaner ran"))
+    with pytest.raises(InputError, match=r"strip\.png: too thin.*4x1200 output to 512x153600") as err:
+        s1.run_stage1(_image(300, 1), tiny_x2, upscale=4.0, source="strip.png")
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
+    # the limit is on the stretched side: 16384 / 512 = 32:1 is the widest thin image accepted
+    ok = s1.run_stage1(_image(4, 128), tiny_x2, upscale=1.0)
+    assert tuple(ok.cond_img.shape[-2:]) == (512, 16384)
+    with pytest.raises(InputError, match="too thin"):
+        s1.run_stage1(_image(4, 129), tiny_x2, upscale=1.0)
+
+
 def test_explicit_tiles_fall_back_when_the_image_is_smaller(swinir):
     x = torch.rand(1, 3, 40, 100)
     assert s1._explicit_tile("swinir", x, 64, 32) is None

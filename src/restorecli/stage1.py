@@ -49,6 +49,9 @@ log = logging.getLogger("restorecli.stage1")
 PIPELINES = ("swinir", "bsrnet", "scunet", "generic")
 #: Short side the stage-2 condition needs (Pipeline.run asserts it, PIPELINE.md 2.3).
 CONDITION_MIN_SIDE = 512
+#: Longest side the 512 rule may stretch a thin image to. Beyond it the image is refused: a 1x300 strip
+#: at x4 would become a 512x153600 condition (78.6 MP of diffusion for a 4x1200 output).
+MAX_STRETCHED_SIDE = 16384
 #: DiffBIR's SwinIR works on 64-pixel units (8x unshuffle x 8-token windows, PIPELINE.md 3.1).
 SWINIR_MULTIPLE = 64
 #: The official SCUNet pads to a multiple of 64 with replicate padding (diffbir/model/scunet.py, forward).
@@ -165,13 +168,16 @@ def image_to_tensor(rgb: np.ndarray, device: str | torch.device = "cpu") -> torc
 def resize_short_edge_to(x: torch.Tensor, size: int = CONDITION_MIN_SIDE) -> torch.Tensor:
     """Short side -> `size`, long side int(l*size/s); size x size if square (pipeline.py, bicubic antialias)."""
     h, w = x.shape[-2:]
+    return F.interpolate(x, size=short_edge_size(h, w, size), mode="bicubic", antialias=True)
+
+
+def short_edge_size(h: int, w: int, size: int = CONDITION_MIN_SIDE) -> tuple[int, int]:
+    """(h, w) with the short side set to `size`, the long side int(l*size/s); size x size if square."""
     if h == w:
-        out = (size, size)
-    elif h < w:
-        out = (size, int(w * (size / h)))
-    else:
-        out = (int(h * (size / w)), size)
-    return F.interpolate(x, size=out, mode="bicubic", antialias=True)
+        return size, size
+    if h < w:
+        return size, int(w * (size / h))
+    return int(h * (size / w)), size
 
 
 def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -279,6 +285,7 @@ def run_stage1(
     output_size = output_size_for(h, w, upscale)
     if min(h, w) < 1 or min(output_size) < 1:
         raise InputError(source, f"{w}x{h} image is too small for --upscale {upscale:g} (output {output_size[1]}x{output_size[0]})")
+    _check_not_too_thin(output_size, source)
     pre = _pre_upscale_factor(pipeline, upscale, cleaner.scale)
     if pre is not None:
         image = pre_upscale(image, pre)
@@ -287,6 +294,26 @@ def run_stage1(
         x, cleaner, pipeline=pipeline, output_size=output_size,
         tile_size=tile_size, tile_stride=tile_stride, max_memory=max_memory,
     )
+
+
+def condition_size(output_size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of the stage-2 condition for an output of `output_size`: the output itself, or with the
+    short side stretched to 512 when it is shorter (`resize_short_edge_to`'s arithmetic)."""
+    h, w = output_size
+    return (h, w) if min(h, w) >= CONDITION_MIN_SIDE else short_edge_size(h, w)
+
+
+def _check_not_too_thin(output_size: tuple[int, int], source: str | None) -> None:
+    """Refuse an image the 512 rule would stretch past MAX_STRETCHED_SIDE (hours of work, or out of memory,
+    for a thin strip); outputs whose short side is already 512 or more are never refused here."""
+    ch, cw = condition_size(output_size)
+    if max(ch, cw) > MAX_STRETCHED_SIDE and min(output_size) < CONDITION_MIN_SIDE:
+        oh, ow = output_size
+        raise InputError(
+            source,
+            f"too thin to restore: stage 2 needs a short side of {CONDITION_MIN_SIDE} px, which would stretch "
+            f"the {ow}x{oh} output to {cw}x{ch} (more than {MAX_STRETCHED_SIDE} px); crop it or pad it first",
+        )
 
 
 def _pre_upscale_factor(pipeline: str, upscale: float, scale: int) -> float | None:
