@@ -27,15 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SD_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from restorecli.models.configs import full_size_configs  # noqa: E402
+
+SD_VAE = {**full_size_configs().vae, "sample_size": 512}  # sample_size: diffusers' enable_tiling tile, 512 px
 METHODS = ("untiled", "ours", "diffusers")
 
 

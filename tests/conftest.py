@@ -52,3 +52,15 @@ def assert_close_rel(actual, expected, rtol: float = 1e-4, what: str = "") -> No
     scale = expected.abs().max().clamp_min(1e-12)
     err = (actual - expected).abs().max()
     assert err <= rtol * scale, f"{what}: max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: hundreds of small ops, where thread start-up
+    dominates, worst on a busy 2-core runner. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

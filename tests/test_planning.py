@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import assert_close_rel
 from restorecli import planning
 from restorecli.errors import InputError
+from restorecli.models.configs import full_size_configs
 from restorecli.planning import (
     MIN_SAMPLE_TILE,
     is_out_of_memory,
@@ -31,23 +32,11 @@ from restorecli.planning import (
 )
 
 GiB = 2**30
-SD_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20, 20))
-SD_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-)
+SD21 = full_size_configs()
+SD_UNET, SD_VAE = SD21.unet, SD21.vae
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan(h, w, budget, **kw):

@@ -22,27 +22,15 @@ from restorecli.diffusion.tiled_vae import (
     tiled_decode,
     tiled_encode,
 )
+from restorecli.models.configs import full_size_configs
 
 diffusers = pytest.importorskip("diffusers")
 AutoencoderKL = diffusers.AutoencoderKL
 
-SD_VAE = dict(  # the SD 2.1 VAE architecture (only ever built on the meta device here)
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-)
+SD_VAE = full_size_configs().vae  # the SD 2.1 VAE architecture (only ever built on the meta device here)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Hundreds of tiny convolutions: thread start-up dominates them, worst on a busy 2-core runner.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vae(layers_per_block: int, block_out=(8, 16, 16, 16), groups: int = 4, seed: int = 0):

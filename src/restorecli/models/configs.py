@@ -387,3 +387,9 @@ def stage2_configs(spec: CLDMSpec) -> Stage2Configs:
         text=text_config_from_ldm(spec.clip_cfg),
         text_layers_in_checkpoint=text_layers_in_checkpoint(spec.clip_cfg),
     )
+
+
+def full_size_configs() -> Stage2Configs:
+    """The four configs of the official full-size ControlLDM (SD 2.1 base + IRControlNet); builds nothing,
+    reads no checkpoint (for memory plans, benchmarks and meta-device models)."""
+    return stage2_configs(full_size_cldm_spec("sd.ckpt", "controlnet.pth"))
