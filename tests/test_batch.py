@@ -485,7 +485,8 @@ def test_kill_9_then_rerun_completes_the_set_byte_for_byte(tmp_path, capsys, fak
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-def test_ctrl_c_prints_the_summary_and_exits_130(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_prints_the_summary_and_keeps_finished_outputs(tmp_path, signum, code):
     src = tmp_path / "in"
     make_images(src, 12)
     out = tmp_path / "out"
@@ -494,11 +495,11 @@ def test_ctrl_c_prints_the_summary_and_exits_130(tmp_path):
                             stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(list(out.glob("*_restored.png"))) >= 2, 120, "the first outputs")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         stdout, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "interrupted: " in err and "not processed" in err and "run the same command again" in err
     records = json_lines(stdout)
     summary = records[-1]

@@ -7,6 +7,7 @@ subcommand is restored with a path: `restore ./batch`.
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from typing import Annotated, Optional
@@ -160,14 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*decompression bomb", module="PIL")
     # spandrel's SwinIR calls torch.meshgrid without `indexing`; torch warns on every load.
     warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release")
+    terminated: list[int] = []
+    previous = _stop_on_sigterm(terminated)
     try:
         code = app(args=argv, standalone_mode=False, prog_name="restore")
-        return code if isinstance(code, int) else 0
+        code = code if isinstance(code, int) else 0
+        return 128 + signal.SIGTERM if terminated and code == 130 else code
     except typer.Exit as exc:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        State.out.error("interrupted")
-        return 130
+        State.out.error("terminated" if terminated else "interrupted")
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except ClickUsageError as exc:
         hint = exc.ctx.command_path + " --help" if exc.ctx else "restore --help"
         State.out.error(exc.format_message(), hint=f"see `{hint}`")
@@ -178,6 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     except RestoreError as exc:
         State.out.error(str(exc), hint=exc.hint)
         return exc.exit_code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm(received: list[int]):
+    """SIGTERM (`kill`, `timeout`, `docker stop`, a job scheduler) stops like Ctrl-C: the image in flight
+    is dropped, finished outputs are kept, the summary is printed; exit code 143. Returns the previous
+    handler (None where signals cannot be set: not the main thread)."""
+
+    def stop(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover
