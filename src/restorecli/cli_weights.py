@@ -181,7 +181,13 @@ def list_command(
     for check in checks:
         e = check.entry
         table.add_row(e.name, e.description, _size_text(e), e.license, WHERE[check.where], STATE[check.state])
-    out.err.print(table)
+    # In a pipe or a log file rich would fold the table into 80 columns; give it the room it needs.
+    if out.err.is_terminal:
+        out.err.print(table)
+    else:
+        from rich.console import Console
+
+        Console(file=out.err.file, width=240, highlight=False).print(table)
     if model is None:
         totals = ", ".join(f"{v} {_total_text(weights.files_for(v))}" for v in weights.registry().versions)
         if totals:
