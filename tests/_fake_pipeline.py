@@ -48,7 +48,9 @@ class FakePipeline:
         x = 1.0 - rgb.astype(np.float32) / top
         x = x.repeat(scale, axis=0).repeat(scale, axis=1)
         image = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
-        return SimpleNamespace(images=[image], seeds=[seed])
+        # the "guidance map": the first channel of the output, shaped (1, 1, H, W) as the pipeline's
+        maps = image[None, :1] if kwargs.get("return_guidance_map") else None
+        return SimpleNamespace(images=[image], seeds=[seed], guidance_maps=maps)
 
 
 def install(monkeypatch_or_none=None, **kwargs) -> list[FakePipeline]:

@@ -267,6 +267,34 @@ def test_recursive_keeps_the_folder_structure(tmp_path, capsys, fake):
     assert all_files(tmp_path / "flat") == ["a_restored.png"]
 
 
+def test_guidance_maps_mirror_the_output_folders(tmp_path, capsys, fake):
+    src = tmp_path / "album"
+    inputs = {rel: png(src / rel, seed=k) for k, rel in enumerate(["a.png", "2019/b.jpg"])}
+    out, maps = tmp_path / "out", tmp_path / "maps"
+    code, _, err = run(["batch", src, "-o", out, "-r", "--upscale", "2", "--guidance", "0.5", "--save-guidance-map", maps], capsys)
+    assert code == 0, err
+    assert all_files(maps) == ["2019/b_guidance.png", "a_guidance.png"]
+    for rel, name in (("a.png", "a_guidance.png"), ("2019/b.jpg", "2019/b_guidance.png")):
+        # the fake's map is its output's first channel: 255 - red, 2x nearest; written as rounded 8-bit gray
+        red = np.asarray(Image.open(inputs[rel]).convert("RGB"))[..., 0].repeat(2, 0).repeat(2, 1)
+        with Image.open(maps / name) as im:
+            assert im.mode == "L" and im.size == (24, 16)
+            np.testing.assert_array_equal(np.asarray(im), 255 - red)
+    # a rerun skips the images, so it writes no maps and touches none
+    before = {name: (maps / name).stat().st_mtime_ns for name in all_files(maps)}
+    assert run(["batch", src, "-o", out, "-r", "--guidance", "0.5", "--save-guidance-map", maps], capsys)[0] == 0
+    assert {name: (maps / name).stat().st_mtime_ns for name in all_files(maps)} == before
+
+    code, _, err = run(["batch", src, "-o", tmp_path / "o2", "--stage1-only", "--save-guidance-map", maps], capsys)
+    assert code == 2 and "needs stage 2" in err
+    clash = tmp_path / "clash"
+    png(clash / "x.png"), png(clash / "x_guidance.png")  # x.png's map would be the input x_guidance.png
+    code, _, err = run(["batch", clash, "-o", tmp_path / "o3", "--save-guidance-map", clash], capsys)
+    assert code == 2 and "would overwrite an input" in err and not (tmp_path / "o3").exists()
+    code, _, err = run(["batch", src, "-o", tmp_path / "o4", "--save-guidance-map", src / "a.png"], capsys)
+    assert code == 2 and "not a folder" in err
+
+
 def test_glob_and_format_and_suffix(tmp_path, capsys, fake):
     src = tmp_path / "in"
     png(src / "a.png")

@@ -33,6 +33,7 @@ def batch_command(
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per file on stdout, then a summary object.")] = False,
     overlap: Annotated[bool, typer.Option("--io-overlap/--no-io-overlap", help="Read the next image and write the previous one while the model runs.")] = True,
+    save_guidance_map: Annotated[Optional[str], typer.Option("--save-guidance-map", metavar="DIR", help="Also write each image's restoration-guidance weight map into DIR as `<name>_guidance.png` (subfolders mirrored).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr (a line per file).")] = False,
     *,
@@ -61,6 +62,7 @@ def batch_command(
     code = run_batch_command(
         directory, output, opts, out=out, recursive=recursive, pattern=glob, from_list=from_list,
         overwrite=overwrite, suffix=suffix, fmt=fmt, quality=quality, json_lines=json_lines, overlap=overlap,
+        save_guidance_map=save_guidance_map,
     )
     raise typer.Exit(code)
 
@@ -80,6 +82,7 @@ def run_batch_command(
     quality: int = 95,
     json_lines: bool = False,
     overlap: bool = True,
+    save_guidance_map: str | None = None,
 ) -> int:
     from . import batch
     from .loading import load_pipeline
@@ -102,6 +105,8 @@ def run_batch_command(
         )
         sources, ignored, failures = found.sources, found.ignored, found.failures
     entries = failures + batch.plan_batch(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
+    if save_guidance_map is not None:
+        opts = _with_guidance_maps(opts, entries, outdir, Path(save_guidance_map))
     jobs = sum(isinstance(e, batch.Job) for e in entries)
     skipped = sum(getattr(e, "status", None) == "skipped" for e in entries)
     where = f"{directory} -> {outdir}" if directory is not None else f"-> {outdir}"
@@ -135,6 +140,32 @@ def run_batch_command(
     if json_lines:
         out.json_line(summary.as_json())
     return summary.exit_code
+
+
+def _with_guidance_maps(opts: RestoreOptions, entries, outdir: Path, map_dir: Path) -> RestoreOptions:
+    """`--save-guidance-map DIR`: each image's map at DIR/<its output's subfolder>/<input stem>_guidance.png.
+    A map is written right after its image, by the same rules (never over an input; kept unless
+    --overwrite); an image skipped because its output exists gets no map."""
+    import dataclasses
+
+    from .batch import Job
+    from .outputs import output_name
+    from .runner import GUIDANCE_MAPS
+
+    if opts.stage1_only:
+        raise UsageError("--save-guidance-map needs stage 2; it cannot be combined with --stage1-only")
+    if map_dir.exists() and not map_dir.is_dir():
+        raise UsageError(f"--save-guidance-map {map_dir}: not a folder (`restore batch` writes one map per image)")
+    maps = {}
+    for job in entries:
+        if isinstance(job, Job):
+            sub = Path(os.path.relpath(Path(job.output).parent, outdir))
+            maps[job.input] = str(map_dir / sub / output_name(job.input, "_guidance", "png"))
+    inputs = {os.path.abspath(path) for path in maps}
+    clash = next((path for path in maps.values() if os.path.abspath(path) in inputs), None)
+    if clash is not None:
+        raise UsageError(f"--save-guidance-map {map_dir}: the map {clash} would overwrite an input; choose another folder")
+    return dataclasses.replace(opts, extra={**opts.extra, GUIDANCE_MAPS: maps})
 
 
 def _output_dir(directory: str | None, output: str | None, from_list: str | None) -> Path:
