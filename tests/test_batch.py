@@ -545,17 +545,38 @@ def test_ctrl_c_or_sigterm_prints_the_summary_and_keeps_finished_outputs(tmp_pat
 
 
 def test_real_tiny_model_batch_matches_the_golden_output(tmp_path, capsys, reference_dir):
-    """`restore batch` with the reference model (stage 1 only) gives the golden stage1_only_x2 result,
-    and a broken file next to it is reported without stopping the batch."""
+    """`restore batch` with the reference model (stage 1 only): the four reference inputs restored (one
+    checked against the golden stage1_only_x2 result), five broken files of different kinds reported
+    one line each without stopping the batch, exit 1, nothing else written."""
     case = next(c for c in json.loads((reference_dir / "cases.json").read_text())["cases"] if c["name"] == "stage1_only_x2")
     src = tmp_path / "in"
     src.mkdir()
-    shutil.copy(reference_dir / case["input"], src / "noisy.png")
-    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    for path in (reference_dir / "inputs").glob("*.png"):
+        shutil.copy(path, src / path.name)
+    broken = {
+        "empty.png": "empty file (0 bytes)",
+        "signature_only.png": "unreadable PNG file",
+        "text.jpg": "not an image (unknown format)",
+        "bomb.png": "it could be a decompression bomb",
+        "truncated.png": "truncated or corrupt PNG data",
+    }
+    (src / "empty.png").write_bytes(b"")
+    (src / "signature_only.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (src / "text.jpg").write_text("this is not a picture\n")
+    bomb_png(src / "bomb.png")
+    (src / "truncated.png").write_bytes((src / "mixed_96x70.png").read_bytes()[:-60])
     args = [a if not a.endswith(".json") else str(reference_dir / a) for a in case["args"]]
     code, out, err = run(["batch", src, "-o", tmp_path / "out", *args], capsys)
-    assert code == 1 and f"error: {src / 'broken.png'}: " in err and out == ""
-    actual = np.asarray(Image.open(tmp_path / "out" / "noisy_restored.png").convert("RGB")).astype(int)
+    assert code == 1 and out == ""
+    for name, reason in broken.items():
+        assert f"error: {src / name}: " in err and reason in err, name
+    assert err.count("error: ") == len(broken)
+    good = sorted(p.name for p in (reference_dir / "inputs").glob("*.png"))
+    assert all_files(tmp_path / "out") == sorted(name.replace(".png", "_restored.png") for name in good)
+    for name in good:
+        with Image.open(src / name) as im, Image.open(tmp_path / "out" / name.replace(".png", "_restored.png")) as res:
+            assert res.size == (im.width * 2, im.height * 2)
+    actual = np.asarray(Image.open(tmp_path / "out" / "noisy_61x40_restored.png").convert("RGB")).astype(int)
     expected = np.asarray(Image.open(reference_dir / case["expected"]).convert("RGB")).astype(int)
     assert actual.shape == expected.shape
     assert np.abs(actual - expected).max() <= case["tolerance"]["max_diff"]
