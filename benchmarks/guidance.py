@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+
+from common import Peak  # benchmarks/ is the script's folder
 
 GUIDED = {
     "latent mse": dict(loss="mse", space="latent"),
@@ -30,55 +31,6 @@ GUIDED = {
     "rgb w_mse": dict(loss="w_mse", space="rgb"),
     "rgb w_mse, checkpointed decoder": dict(loss="w_mse", space="rgb", checkpoint=True),
 }
-
-
-def _rss_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class Peak:
-    """Peak memory of a block over the memory before it (CPU RSS, or CUDA allocations)."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.bytes = 0
-
-    def __enter__(self):
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = _status("VmRSS:")
-            if not _rss_reset():
-                raise RuntimeError("needs /proc/self/clear_refs (Linux) to measure peak memory per call")
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.bytes = _status("VmHWM:") - self.base
-        self.seconds = time.perf_counter() - self.t0
 
 
 def run(size: int, steps: int, cfg: float, device: str, threads: int) -> list[dict]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import hwm_bytes, reset_hwm, rss_bytes  # noqa: E402
 from restorecli.models.configs import full_size_configs  # noqa: E402
 
 SD_VAE = {**full_size_configs().vae, "sample_size": 512}  # sample_size: diffusers' enable_tiling tile, 512 px
@@ -35,29 +35,6 @@ METHODS = ("untiled", "ours", "diffusers")
 
 
 # ------------------------------------------------------------------------------------------ worker
-
-
-def _rss_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _rss_peak(reset_ok: bool) -> int:
-    if reset_ok:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def worker(cfg: dict) -> dict:
@@ -99,14 +76,14 @@ def worker(cfg: dict) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_dev = torch.cuda.memory_allocated()
-    reset_ok = _rss_reset()
-    base_rss = _rss_now()
+    reset_hwm()
+    base_rss = rss_bytes()
     t0, c0 = time.perf_counter(), time.process_time()
     out = run()
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    res = {"time_s": dt, "cpu_s": cpu, "rss_peak": _rss_peak(reset_ok), "rss_base": base_rss}
+    res = {"time_s": dt, "cpu_s": cpu, "rss_peak": hwm_bytes(), "rss_base": base_rss}
     if device.type == "cuda":
         res["dev_peak"] = torch.cuda.max_memory_allocated() - base_dev
     est_tile = None if method == "untiled" else (tile if part == "encode" else tile // 8)
