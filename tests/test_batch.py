@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 import _fake_pipeline
-from conftest import REFERENCE
+from conftest import REFERENCE, permissions_enforced
 from restorecli import batch
 from restorecli.batch import Job, discover, plan_batch, read_list, run_batch
 from restorecli.cli import main
@@ -65,21 +65,6 @@ def bomb_png(path: Path) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
                      + png_chunk(b"IEND", b""))
     return path
-
-
-def permissions_enforced(folder: Path) -> bool:
-    """chmod 000 does not stop root (CAP_DAC_OVERRIDE); probe instead of checking the uid."""
-    probe = folder / "permission-probe"
-    probe.write_bytes(b"x")
-    probe.chmod(0)
-    try:
-        with open(probe, "rb"):
-            return False
-    except PermissionError:
-        return True
-    finally:
-        probe.chmod(0o600)
-        probe.unlink()
 
 
 def all_files(folder: Path) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps
 
+from conftest import permissions_enforced
 from restorecli import imageio
 from restorecli.errors import InputError, OutputError
 from restorecli.imageio import (
@@ -39,18 +40,9 @@ RNG = np.random.default_rng(1234)
 
 
 def skip_unless_permissions_are_enforced(folder: Path) -> None:
-    """chmod 000 does not stop root (CAP_DAC_OVERRIDE): then "permission denied" cannot be provoked."""
-    probe_file = folder / ".permission-probe"
-    probe_file.write_bytes(b"x")
-    probe_file.chmod(0)
-    try:
-        with open(probe_file, "rb"):
-            pytest.skip("running as root (or with CAP_DAC_OVERRIDE): chmod does not block reads or writes")
-    except PermissionError:
-        pass
-    finally:
-        probe_file.chmod(0o600)
-        probe_file.unlink()
+    """Then "permission denied" cannot be provoked."""
+    if not permissions_enforced(folder):
+        pytest.skip("running as root (or with CAP_DAC_OVERRIDE): chmod does not block reads or writes")
 
 
 def random_u8(*shape: int) -> np.ndarray:
