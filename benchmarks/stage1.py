@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import hwm_bytes, reset_hwm, rss_bytes  # benchmarks/ is the script's folder
+
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TILE, STRIDE = 512, 256
@@ -66,34 +68,6 @@ def _full_size_state_dict(arch: str):
     return sd
 
 
-def _hwm_kib() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _rss_kib() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def child(size: int, mode: str, device: str, dtype_name: str, threads: int) -> dict:
     import torch
 
@@ -113,8 +87,8 @@ def child(size: int, mode: str, device: str, dtype_name: str, threads: int) -> d
     import gc
 
     gc.collect()
-    before = _rss_kib()
-    reset = _reset_hwm()
+    before = rss_bytes()
+    reset = reset_hwm()
     start = time.perf_counter()
     result = apply_cleaner(x, cleaner, max_memory=1 << 50, **tile)  # huge budget: never auto-tile here
     if device == "cuda":
@@ -127,8 +101,8 @@ def child(size: int, mode: str, device: str, dtype_name: str, threads: int) -> d
     }
     if device == "cuda":
         out["stage1_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    elif reset and before is not None:
-        out["stage1_peak_mib"] = round((_hwm_kib() - before) / 1024, 1)
+    elif reset:
+        out["stage1_peak_mib"] = round((hwm_bytes() - before) / 2**20, 1)
     return out
 
 
@@ -156,12 +130,12 @@ def measure_child(arch: str, size: int, threads: int) -> None:
     model = spandrel.ModelLoader().load_from_state_dict(_full_size_state_dict(arch)).model.eval()
     x = torch.rand(1, 3, size, size)
     gc.collect()
-    before = _rss_kib()
-    if not _reset_hwm():
+    before = rss_bytes()
+    if not reset_hwm():
         raise SystemExit("--measure needs Linux /proc/self/clear_refs")
     with torch.no_grad():
         model(x)
-    print(json.dumps({"delta_bytes": (_hwm_kib() - before) * 1024}))
+    print(json.dumps({"delta_bytes": hwm_bytes() - before}))
 
 
 def _child_env(keep_malloc: bool) -> dict[str, str]:
