@@ -2,7 +2,7 @@
 time per image spent outside the model.
 
 N small JPEG photos (default 50 of 128 x 96, smooth gradients plus noise) are restored into PNG with the
-tiny reference model (../shared/reference/model_v.json) through `restorecli.batch.run_batch`, the loop
+tiny reference model (../shared/reference/model_v.json) through `restorecli.run.loop.run_batch`, the loop
 of `restore batch` and `restore IMAGE...`, in two modes:
 
 * stage1: `--stage1-only` (SwinIR only; the 512 rule makes it run at 683 x 512 internally),
@@ -57,7 +57,7 @@ def make_photos(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
 
 
 def run_loop(pipe, opts, photos: list[Path], outdir: Path, overlap: bool) -> dict:
-    from restorecli.batch import Job, run_batch
+    from restorecli.run.loop import Job, run_batch
 
     outdir.mkdir(parents=True, exist_ok=True)
     entries = [Job(str(p), str(outdir / f"{p.stem}_restored.png")) for p in photos]
@@ -73,8 +73,8 @@ def run_loop(pipe, opts, photos: list[Path], outdir: Path, overlap: bool) -> dic
 
 
 def bench_mode(mode: str, photos: list[Path], work: Path, repeats: int) -> list[dict]:
-    from restorecli.loading import load_pipeline
-    from restorecli.options import RestoreOptions
+    from restorecli.pipeline.loading import load_pipeline
+    from restorecli.settings.defaults import RestoreOptions
 
     opts = RestoreOptions(model=str(MODEL), stage1_only=(mode == "stage1"), steps=1, device="cpu").resolve()
     t0 = time.perf_counter()

@@ -169,21 +169,21 @@ def full_size_stage2(version: str = "v2.1", *, device="cpu", dtype=None, seed: i
 
 
 def full_size_cleaner(arch: str = "swinir", *, device="cpu", dtype=None):
-    """A `restorecli.models.stage1.Cleaner` of DiffBIR's full-size SwinIR (or bsrnet / scunet), random weights."""
+    """A `restorecli.stage1.cleaners.Cleaner` of DiffBIR's full-size SwinIR (or bsrnet / scunet), random weights."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from stage1 import _full_size_state_dict  # benchmarks/stage1.py
 
-    from restorecli.models.stage1 import load_cleaner
+    from restorecli.stage1.cleaners import load_cleaner
 
     return load_cleaner(_full_size_state_dict(arch), device=device, dtype=dtype or torch.float32, name=f"{arch}_full")
 
 
 def full_size_pipeline(version: str = "v2.1", *, device="cpu", dtype=None):
     """A `DiffBIRPipeline` of the full-size architecture with random weights (stage 1 + stage 2)."""
-    from restorecli.pipeline import DiffBIRPipeline
-    from restorecli.stage1 import stage1_plan
+    from restorecli.pipeline.diffbir import DiffBIRPipeline
+    from restorecli.stage1.run import stage1_plan
 
     models = full_size_stage2(version, device=device, dtype=dtype)
     cleaner = full_size_cleaner("swinir", device=device, dtype=dtype)

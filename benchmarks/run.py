@@ -51,7 +51,7 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _parse_size(text: str) -> int:
-    from restorecli.cli_options import parse_size
+    from restorecli.cli.options import parse_size
 
     return parse_size(text)
 
@@ -95,7 +95,7 @@ def child(args) -> dict:
     dtype = getattr(torch, DTYPES[args.dtype])
     t0 = time.perf_counter()
     pipe = full_size_pipeline(args.version, device=args.device, dtype=dtype)
-    from restorecli.loading import prepare_for_speed
+    from restorecli.pipeline.loading import prepare_for_speed
 
     prepare_for_speed(pipe, torch.device(args.device), compile=args.compile)
     attention = sorted({type(m.processor).__name__ for net in (pipe.unet, pipe.controlnet, pipe.vae)
@@ -109,8 +109,8 @@ def child(args) -> dict:
     if args.mode == "capped":
         call["max_memory"] = args.max_memory
     elif args.mode == "untiled":
-        import restorecli.pipeline as pl
-        import restorecli.stage1 as s1
+        import restorecli.pipeline.diffbir as pl
+        import restorecli.stage1.run as s1
 
         never = 1 << 60
         pl.stage2_budget = lambda device, cap: never
@@ -221,9 +221,9 @@ def _same_plan(args, size: int) -> bool:
     """Whether the capped budget plans exactly what the auto budget plans (then one run shows both)."""
     import torch
 
-    from restorecli.memory import available_memory
+    from restorecli.pipeline.memory import available_memory
     from restorecli.models.configs import full_size_cldm_spec, stage2_configs
-    from restorecli.planning import SAFETY, plan_stage2
+    from restorecli.pipeline.planning import SAFETY, plan_stage2
 
     configs = stage2_configs(full_size_cldm_spec("random.ckpt", "random.pth"))
     free = available_memory(args.device) - _weights_bytes(args)

@@ -2,8 +2,8 @@
 
 The model is spandrel's SwinIR class with the official hyperparameters of configs/inference/swinir.yaml
 (PIPELINE.md 3.1: embed_dim 180, depths/heads [6]*8, window 8, mlp_ratio 2, 8x unshuffle, nearest+conv),
-loaded back through `restorecli.models.stage1.load_cleaner` like a real checkpoint. Each configuration
-runs in a fresh process, `restorecli.stage1.apply_cleaner` on a random size x size image:
+loaded back through `restorecli.stage1.cleaners.load_cleaner` like a real checkpoint. Each configuration
+runs in a fresh process, `restorecli.stage1.run.apply_cleaner` on a random size x size image:
 
 * untiled: the official untiled path (the image is >= 512, so no resize; zero-pad to 64);
 * tiled: the official tiled path, --cleaner-tile-size 512 --cleaner-tile-stride 256.
@@ -72,8 +72,8 @@ def child(size: int, mode: str, device: str, dtype_name: str, threads: int) -> d
     import torch
 
     sys.path.insert(0, str(REPO / "src"))
-    from restorecli.models.stage1 import load_cleaner
-    from restorecli.stage1 import apply_cleaner
+    from restorecli.stage1.cleaners import load_cleaner
+    from restorecli.stage1.run import apply_cleaner
 
     torch.set_num_threads(threads)
     cleaner = load_cleaner(_full_size_state_dict("swinir"), device=device, dtype=getattr(torch, DTYPES[dtype_name]),

@@ -41,7 +41,7 @@ def worker(cfg: dict) -> dict:
     import torch
     from diffusers import AutoencoderKL
 
-    from restorecli.diffusion.tiled_vae import estimate_peak_bytes, tiled_decode, tiled_encode
+    from restorecli.vae.tiled import estimate_peak_bytes, tiled_decode, tiled_encode
 
     device = torch.device(cfg["device"])
     dtype = getattr(torch, cfg["dtype"])
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from restorecli.diffusion.tiled_vae import estimate_peak_bytes
+    from restorecli.vae.tiled import estimate_peak_bytes
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)

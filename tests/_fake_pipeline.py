@@ -54,8 +54,8 @@ class FakePipeline:
 
 
 def install(monkeypatch_or_none=None, **kwargs) -> list[FakePipeline]:
-    """Make `restorecli.loading.load_pipeline` build FakePipelines; returns the list of those built."""
-    import restorecli.loading
+    """Make `restorecli.pipeline.loading.load_pipeline` build FakePipelines; returns the list of those built."""
+    import restorecli.pipeline.loading
 
     built: list[FakePipeline] = []
 
@@ -65,9 +65,9 @@ def install(monkeypatch_or_none=None, **kwargs) -> list[FakePipeline]:
         return pipe
 
     if monkeypatch_or_none is None:
-        restorecli.loading.load_pipeline = load_pipeline
+        restorecli.pipeline.loading.load_pipeline = load_pipeline
     else:
-        monkeypatch_or_none.setattr(restorecli.loading, "load_pipeline", load_pipeline)
+        monkeypatch_or_none.setattr(restorecli.pipeline.loading, "load_pipeline", load_pipeline)
     return built
 
 
@@ -77,6 +77,6 @@ if __name__ == "__main__":
     # A shell without job control starts background commands with SIGINT ignored; the tests send it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     install()
-    from restorecli.cli import main
+    from restorecli.cli.app import main
 
     sys.exit(main(sys.argv[1:]))

@@ -24,12 +24,12 @@ from PIL import Image
 
 import _fake_pipeline
 from conftest import REFERENCE, permissions_enforced
-from restorecli import batch
-from restorecli.batch import Job, discover, plan_batch, read_list, run_batch
-from restorecli.cli import main
+from restorecli.run import loop as batch
+from restorecli.run.loop import Job, discover, plan_batch, read_list, run_batch
+from restorecli.cli.app import main
 from restorecli.imageio import is_temp_file
-from restorecli.options import RestoreOptions
-from restorecli.runner import FileResult
+from restorecli.settings.defaults import RestoreOptions
+from restorecli.run.files import FileResult
 
 FAKE_RESTORE = [sys.executable, str(Path(__file__).with_name("_fake_pipeline.py"))]
 RNG = np.random.default_rng(8)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import REFERENCE
-from restorecli.cli import main
+from restorecli.cli.app import main
 
 
 def _cases():

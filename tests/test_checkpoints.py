@@ -1,4 +1,4 @@
-"""restorecli.checkpoints: safe loading of the official checkpoint layouts; arbitrary pickles refused."""
+"""restorecli.models.safe_load: safe loading of the official checkpoint layouts; arbitrary pickles refused."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from restorecli.checkpoints import load_state_dict
+from restorecli.models.safe_load import load_state_dict
 from restorecli.errors import WeightsError
 
 

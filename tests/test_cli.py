@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from restorecli.cli import main
+from restorecli.cli.app import main
 from restorecli.errors import UsageError
-from restorecli.outputs import OutputPlan, check_output, output_name, plan_outputs
+from restorecli.run.outputs import OutputPlan, check_output, output_name, plan_outputs
 
 
 def run(argv, capsys):

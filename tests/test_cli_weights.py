@@ -10,7 +10,7 @@ import pytest
 from _fake_hub import COMMIT, closed_port_url, hub, hub_file, payload, sha, url_file, use_registry, weights_env  # noqa: F401
 
 from restorecli import weights
-from restorecli.cli import main
+from restorecli.cli.app import main
 
 pytestmark = pytest.mark.usefixtures("weights_env")
 

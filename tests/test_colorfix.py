@@ -3,7 +3,7 @@
 import torch
 
 from conftest import assert_close_rel, load_golden
-from restorecli.colorfix import adain_color_fix, color_fix, wavelet_color_fix, wavelet_decompose
+from restorecli.pipeline.colorfix import adain_color_fix, color_fix, wavelet_color_fix, wavelet_decompose
 
 
 def test_wavelet_matches_official(reference_dir):

@@ -335,7 +335,7 @@ CLI_BASE = ["--model", "model_eps.json", "--task", "sr", "--upscale", "1", "--sa
 def test_guidance_zero_is_byte_identical_and_the_map_is_written(reference_dir, tmp_path, monkeypatch, capsys):
     """`--guidance 0` = no flag, byte for byte (no draw, no hook); `--save-guidance-map` writes the region
     weight map (gray, the output's size, white in flat regions)."""
-    from restorecli.cli import main
+    from restorecli.cli.app import main
 
     monkeypatch.chdir(reference_dir)
     plain, zero, gmap = tmp_path / "plain.png", tmp_path / "zero.png", tmp_path / "map.png"
@@ -364,7 +364,7 @@ def test_guidance_zero_is_byte_identical_and_the_map_is_written(reference_dir, t
     (["--save-guidance-map", "map.unknown"], "cannot tell the image format"),
 ])
 def test_guidance_usage_errors_exit_2(reference_dir, tmp_path, monkeypatch, capsys, args, fragment):
-    from restorecli.cli import main
+    from restorecli.cli.app import main
 
     monkeypatch.chdir(reference_dir)
     code = main(["inputs/blur_45x45.png", "-o", str(tmp_path / "out.png"), *CLI_BASE, *args])
@@ -375,7 +375,7 @@ def test_guidance_usage_errors_exit_2(reference_dir, tmp_path, monkeypatch, caps
 
 
 def test_guidance_map_file_needs_one_input(reference_dir, tmp_path, monkeypatch, capsys):
-    from restorecli.cli import main
+    from restorecli.cli.app import main
 
     monkeypatch.chdir(reference_dir)
     code = main(["inputs/blur_45x45.png", "inputs/sign_37x53.png", "-o", f"{tmp_path}/", *CLI_BASE,

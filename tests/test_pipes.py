@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import _fake_pipeline
-from restorecli.cli import main
+from restorecli.cli.app import main
 
 FAKE_RESTORE = [sys.executable, str(Path(__file__).with_name("_fake_pipeline.py"))]
 PNG_END = b"IEND\xaeB`\x82"

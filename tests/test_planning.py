@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from conftest import assert_close_rel
-from restorecli import planning
+from restorecli.pipeline import planning
 from restorecli.errors import InputError
 from restorecli.models.configs import full_size_configs
-from restorecli.planning import (
+from restorecli.pipeline.planning import (
     MIN_SAMPLE_TILE,
     is_out_of_memory,
     plan_stage2,
@@ -152,7 +152,7 @@ def test_out_of_memory_errors_are_recognised():
 
 @pytest.fixture(scope="module")
 def pipe(reference_dir):
-    from restorecli.pipeline import DiffBIRPipeline
+    from restorecli.pipeline.diffbir import DiffBIRPipeline
 
     return DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu")
 
@@ -176,7 +176,7 @@ def reference(pipe, photo):
 
 def _force_tiles(monkeypatch, **tiles):
     """Make the pipeline's planner return these tiles (everything else as planned)."""
-    import restorecli.pipeline as pl
+    import restorecli.pipeline.diffbir as pl
 
     original = pl.plan_stage2
 
@@ -191,7 +191,7 @@ def _force_tiles(monkeypatch, **tiles):
 
 @pytest.mark.slow
 def test_tiled_vae_in_the_pipeline_gives_the_untiled_image(pipe, photo, reference, monkeypatch):
-    from restorecli.planning import VaeChoice
+    from restorecli.pipeline.planning import VaeChoice
 
     _force_tiles(monkeypatch, encode=VaeChoice(128), decode=VaeChoice(16, recompute=True))
     out = pipe(photo, **CALL)
@@ -201,7 +201,7 @@ def test_tiled_vae_in_the_pipeline_gives_the_untiled_image(pipe, photo, referenc
 
 @pytest.mark.slow
 def test_decode_out_of_memory_is_retried_with_tiles(pipe, photo, reference, monkeypatch, caplog):
-    import restorecli.pipeline as pl
+    import restorecli.pipeline.diffbir as pl
 
     calls = []
     real = pl.vae_decode
@@ -227,7 +227,7 @@ def test_decode_out_of_memory_is_retried_with_tiles(pipe, photo, reference, monk
 def test_sampling_retry_draws_the_same_noise(pipe, photo, reference, monkeypatch, caplog):
     """An out-of-memory error in the middle of sampling; the retry starts from the same generator state
     (a retry 'tile' larger than the latent samples untiled, so it must give the reference exactly)."""
-    import restorecli.pipeline as pl
+    import restorecli.pipeline.diffbir as pl
     from restorecli.models.cldm import ControlledUNet
 
     monkeypatch.setattr(pl, "smaller_sample_tile", lambda tile, h, w: (512, 256))
@@ -251,7 +251,7 @@ def test_latent_guidance_can_encode_its_target_in_exact_tiles(pipe):
     """The pipeline hands latent-space guidance the tiled encoder when the condition was tiled."""
     from restorecli.diffusion.guidance import GuidanceSettings, RestorationGuidance
     from restorecli.diffusion.noise import GeneratorNoise
-    from restorecli.diffusion.tiled_vae import tiled_encode
+    from restorecli.vae.tiled import tiled_encode
 
     target = torch.rand(1, 3, 96, 80, generator=torch.Generator().manual_seed(3)) * 2 - 1
 
@@ -285,7 +285,7 @@ def test_a_second_out_of_memory_error_fails_this_image_only(pipe):
 
 def _recording_placement(pipe, offload: bool):
     """A Placement on a pretend accelerator: no real moves, but where each model is, is recorded."""
-    from restorecli.placement import Placement
+    from restorecli.pipeline.placement import Placement
 
     names = {id(pipe.cleaner): "cleaner", id(pipe.text_encoder): "text_encoder", id(pipe.vae): "vae",
              id(pipe.unet): "unet", id(pipe.controlnet): "controlnet"}
@@ -305,7 +305,7 @@ def _recording_placement(pipe, offload: bool):
 
 @pytest.mark.slow
 def test_idle_models_leave_the_device_and_offload_gives_the_same_image(pipe, photo, reference, monkeypatch):
-    import restorecli.pipeline as pl
+    import restorecli.pipeline.diffbir as pl
 
     placement, where = _recording_placement(pipe, offload=False)
     monkeypatch.setattr(pipe, "placement", placement)
@@ -328,7 +328,7 @@ def test_idle_models_leave_the_device_and_offload_gives_the_same_image(pipe, pho
 
 def test_cfg_is_batched_on_accelerators_only(pipe, monkeypatch):
     assert pipe.cfg_batching() is None  # CPU: upstream's call pattern
-    from restorecli.placement import Placement
+    from restorecli.pipeline.placement import Placement
 
     monkeypatch.setattr(pipe, "placement", Placement("cuda"))
     assert pipe.cfg_batching() is True
@@ -337,8 +337,8 @@ def test_cfg_is_batched_on_accelerators_only(pipe, monkeypatch):
 
 
 def test_load_uses_sdpa_attention_and_compiles_on_request(reference_dir, monkeypatch):
-    from restorecli.loading import load_pipeline, use_sdpa
-    from restorecli.options import RestoreOptions
+    from restorecli.pipeline.loading import load_pipeline, use_sdpa
+    from restorecli.settings.defaults import RestoreOptions
 
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
@@ -368,7 +368,7 @@ def test_max_memory_reaches_the_pipeline(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(_fake_pipeline.FakePipeline, "__call__", call)
     src = tmp_path / "a.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
-    from restorecli.cli import main
+    from restorecli.cli.app import main
 
     assert main([str(src), "-o", str(tmp_path / "b.png"), "--max-memory", "1.5GB"]) == 0, capsys.readouterr().err
     assert built and seen == [int(1.5 * 2**30)]
@@ -380,7 +380,7 @@ def test_max_memory_reaches_the_pipeline(tmp_path, monkeypatch, capsys):
 def test_max_memory_end_to_end_tiles_and_says_so(reference_dir, tmp_path, monkeypatch, capsys):
     """A real run through the CLI with a tiny budget: stage 1, the VAE and sampling all tile, the
     automatic sampling tiles are announced on stderr, and the image is written."""
-    from restorecli.cli import main
+    from restorecli.cli.app import main
 
     monkeypatch.chdir(reference_dir)
     out = tmp_path / "out.png"

@@ -20,7 +20,7 @@ from restorecli.diffusion.conditioning import ControlCondition, ControlledModel
 from restorecli.diffusion.noise import GeneratorNoise
 from restorecli.diffusion.sampling import SAMPLERS, sample
 from restorecli.diffusion.schedules import NoiseSchedule
-from restorecli.diffusion.tiled import TiledModel
+from restorecli.diffusion.tiled_sampling import TiledModel
 from restorecli.errors import UsageError
 from restorecli.models.description import DiffusionSpec, load_model_description
 

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import assert_close_rel, load_golden
-from restorecli import memory
-from restorecli import stage1 as s1
+from restorecli.pipeline import memory
+from restorecli.stage1 import run as s1
 from restorecli.errors import InputError, UsageError
-from restorecli.models.stage1 import load_cleaner
-from restorecli.tiling import sliding_windows
+from restorecli.stage1.cleaners import load_cleaner
+from restorecli.windows import sliding_windows
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +149,9 @@ def test_plans_follow_the_official_wiring():
 
 def test_plans_name_the_cleaners_of_weights_toml():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    toml_path = Path(s1.__file__).with_name("weights.toml")
-    if not toml_path.is_file():
-        pytest.skip("weights.toml not there yet")
-    versions = tomllib.loads(toml_path.read_text())["versions"]
+    from restorecli.weights import DEFAULT_TOML
+
+    versions = tomllib.loads(DEFAULT_TOML.read_text())["versions"]
     for version, tasks in versions.items():
         for task, wiring in tasks.items():
             if isinstance(wiring, dict) and "cleaner" in wiring:

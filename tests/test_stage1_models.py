@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from restorecli.errors import SetupError
 from restorecli.models.description import load_model_description
-from restorecli.models.stage1 import (
+from restorecli.stage1.cleaners import (
     check_swinir_params,
     descriptor_from_state_dict,
     load_cleaner,
@@ -116,7 +116,7 @@ def test_full_size_manifest_loads_into_the_spandrel_model(reference_dir, layout)
     assert descriptor.scale == scale and descriptor.supports_half == half
     model_shapes = sorted(tuple(t.shape) for t in descriptor.model.state_dict().values())
     assert model_shapes == sorted(tuple(s) for s in keys.values())
-    from restorecli.models.stage1 import cleaner_kind
+    from restorecli.stage1.cleaners import cleaner_kind
 
     assert cleaner_kind(descriptor) == kind
     if arch == "SwinIR":  # the official swinir.yaml kwargs match what spandrel read off the shapes

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from restorecli.cli import main
+from restorecli.cli.app import main
 
 H, W = 30, 41  # odd sizes; the output is 1.5x: int(41*1.5) x int(30*1.5) = 61 x 45
 

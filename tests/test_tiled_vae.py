@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import assert_close_rel
-from restorecli.diffusion.tiled_vae import (
+from restorecli.vae.tiled import (
     UnsupportedVAEError,
     _compile_decoder,
     _infer_shapes,

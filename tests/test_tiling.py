@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import load_golden
-from restorecli.tiling import gaussian_weights, sliding_windows
+from restorecli.windows import gaussian_weights, sliding_windows
 
 
 def test_gaussian_weights_match_official(reference_dir):

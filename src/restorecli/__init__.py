@@ -8,7 +8,7 @@ __all__ = ["__version__", "DiffBIRPipeline"]
 def __getattr__(name):
     # Importing torch/diffusers takes seconds; keep `import restorecli` (and `restore --help`) fast.
     if name == "DiffBIRPipeline":
-        from .pipeline import DiffBIRPipeline
+        from .pipeline.diffbir import DiffBIRPipeline
 
         return DiffBIRPipeline
     raise AttributeError(f"module 'restorecli' has no attribute {name!r}")

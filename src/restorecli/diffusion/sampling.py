@@ -33,7 +33,7 @@ from .hooks import OnStep, X0Hook
 from .noise import GeneratorNoise, NoiseSource
 from .schedules import DDIMSchedule, DPMSolverSchedule, EDMSchedule, NoiseSchedule, SpacedSchedule
 from .spaced import sample_spaced
-from .tiled import TiledModel
+from .tiled_sampling import TiledModel
 
 __all__ = ["SAMPLERS", "SamplerSpec", "sample", "sample_schedule_timesteps"]
 

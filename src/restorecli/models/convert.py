@@ -67,7 +67,7 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 def read_checkpoint(path: str | os.PathLike) -> StateDict:
     """A checkpoint as a flat state dict (``state_dict`` unwrapped, ``module.`` stripped), loaded safely."""
-    from ..checkpoints import load_state_dict
+    from .safe_load import load_state_dict
 
     return load_state_dict(path)
 

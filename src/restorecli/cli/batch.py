@@ -1,4 +1,4 @@
-"""`restore batch DIR`: restore a folder of images. Parsing and printing only; `restorecli.batch` works."""
+"""`restore batch DIR`: restore a folder of images. Parsing and printing only; `restorecli.run.loop` works."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_options import restore_options
-from .errors import SetupError, UsageError
-from .options import RestoreOptions
-from .outputs import STDIO
-from .ui import NORMAL, Output
+from .options import restore_options
+from ..errors import SetupError, UsageError
+from ..settings.defaults import RestoreOptions
+from ..run.outputs import STDIO
+from .terminal import NORMAL, Output
 
 #: Without a terminal, a progress line at most this often (seconds).
 PLAIN_PROGRESS_INTERVAL = 15.0
@@ -55,7 +55,7 @@ def batch_command(
 
     `find . -name '*.tif' | restore batch --from-list - -o out/ --json`
     """
-    from .cli import State, _set_verbosity
+    from .app import State, _set_verbosity
 
     _set_verbosity(quiet, verbose)
     out = State.out
@@ -84,8 +84,8 @@ def run_batch_command(
     overlap: bool = True,
     save_guidance_map: str | None = None,
 ) -> int:
-    from . import batch
-    from .loading import load_pipeline
+    from ..run import loop as batch
+    from ..pipeline.loading import load_pipeline
 
     opts = opts.resolve()
     outdir = _output_dir(directory, output, from_list)
@@ -148,9 +148,9 @@ def _with_guidance_maps(opts: RestoreOptions, entries, outdir: Path, map_dir: Pa
     --overwrite); an image skipped because its output exists gets no map."""
     import dataclasses
 
-    from .batch import Job
-    from .outputs import output_name
-    from .runner import GUIDANCE_MAPS
+    from ..run.loop import Job
+    from ..run.outputs import output_name
+    from ..run.files import GUIDANCE_MAPS
 
     if opts.stage1_only:
         raise UsageError("--save-guidance-map needs stage 2; it cannot be combined with --stage1-only")
@@ -169,7 +169,7 @@ def _with_guidance_maps(opts: RestoreOptions, entries, outdir: Path, map_dir: Pa
 
 
 def _output_dir(directory: str | None, output: str | None, from_list: str | None) -> Path:
-    from .batch import default_output_dir
+    from ..run.loop import default_output_dir
 
     if directory is None and from_list is None:
         raise UsageError("give a folder (`restore batch DIR`) or a list of files (`--from-list FILE`)")
@@ -195,7 +195,7 @@ class BatchView:
     line per failed file as it happens, JSON lines on stdout with --json, and the final summary."""
 
     def __init__(self, out: Output, entries, *, json_lines: bool):
-        from .batch import Job
+        from ..run.loop import Job
 
         self.out = out
         self.json_lines = json_lines

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-log = logging.getLogger("restorecli.placement")
+log = logging.getLogger("restorecli.pipeline.placement")
 
 CPU = torch.device("cpu")
 

@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import BinaryIO, Union
 
-from .errors import InputError, OutputError, RestoreError, SetupError, UsageError
-from .options import RestoreOptions
+from ..errors import InputError, OutputError, RestoreError, SetupError, UsageError
+from ..settings.defaults import RestoreOptions
 from .outputs import FORMAT_EXTENSIONS, STDIO, output_name
-from .runner import FileResult, Restored, read_input, run_model, write_output
+from .files import FileResult, Restored, read_input, run_model, write_output
 
-log = logging.getLogger("restorecli.batch")
+log = logging.getLogger("restorecli.run.loop")
 
 #: File extensions (lower case) taken as images: the raster formats Pillow reads, plus photo formats it
 #: reads only with a plugin (HEIC, JPEG XL), which are reported as failures rather than silently left
@@ -102,7 +102,7 @@ def discover(
     it (fnmatch, case-insensitive). `recursive` descends into subfolders (symlinked folders are not
     followed, so a link loop cannot trap the walk).
     """
-    from .imageio import is_image_file
+    from ..imageio import is_image_file
 
     root = Path(directory)
     excluded = {os.path.realpath(p) for p in exclude}
@@ -267,7 +267,7 @@ def output_folders(entries: Iterable[Entry]) -> list[Path]:
 
 def remove_stale_temp_files(entries: Iterable[Entry]) -> list[Path]:
     """Delete the temp files a killed run left in the folders these jobs write into."""
-    from .imageio import remove_stale_temp_files as remove_in
+    from ..imageio import remove_stale_temp_files as remove_in
 
     removed = []
     for folder in output_folders(entries):

@@ -12,10 +12,10 @@ from typing import Callable
 
 import torch
 
-from .errors import SetupError, UsageError
-from .options import RestoreOptions
+from ..errors import SetupError, UsageError
+from ..settings.defaults import RestoreOptions
 
-log = logging.getLogger("restorecli.loading")
+log = logging.getLogger("restorecli.pipeline.loading")
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -53,12 +53,12 @@ def load_pipeline(
     progress: Callable | None = None,
 ):
     """Build the pipeline `opts` describe. Raises UsageError / SetupError / WeightsError (exit 2)."""
-    from . import weights
-    from .models.configs import full_size_description
-    from .models.description import load_model_description
-    from .models.stage1 import load_cleaner
-    from .pipeline import DiffBIRPipeline
-    from .stage1 import plan_for_cleaner, stage1_plan
+    from .. import weights
+    from ..models.configs import full_size_description
+    from ..models.description import load_model_description
+    from ..stage1.cleaners import load_cleaner
+    from .diffbir import DiffBIRPipeline
+    from ..stage1.run import plan_for_cleaner, stage1_plan
 
     opts = opts.resolve()
     if opts.task == "unaligned_face":
@@ -98,7 +98,7 @@ def load_pipeline(
     # 3. Stage 2
     if opts.stage1_only:
         return DiffBIRPipeline(cleaner=cleaner, stage1_pipeline=stage1_pipeline)
-    from .models.stage2 import load_stage2
+    from ..models.stage2 import load_stage2
 
     models = load_stage2(description, device=device, dtype=dtype)
     pipe = DiffBIRPipeline.from_stage2_models(models, cleaner=cleaner, stage1_pipeline=stage1_pipeline)
@@ -113,7 +113,7 @@ def prepare_for_speed(pipe, device: torch.device, *, compile: bool = False) -> N
     on CUDA, and with `compile` torch.compile of both.
 
     * SDPA (``AttnProcessor2_0``) runs flash / memory-efficient kernels: attention memory linear in the
-      number of tokens, which `restorecli.planning` relies on. A plain ``AttnProcessor`` (an older
+      number of tokens, which `restorecli.pipeline.planning` relies on. A plain ``AttnProcessor`` (an older
       diffusers default) is replaced; other custom processors are left alone.
     * channels-last (NHWC) is the layout tensor-core convolutions use natively on CUDA (diffusers'
       "Speed up inference" guide recommends it for the UNet). Not on the CPU: oneDNN picks other kernels
@@ -167,7 +167,7 @@ def _require_files(description, opts: RestoreOptions) -> None:
 
 def _cleaner_file(choice: str, weights_dir, progress) -> Path:
     """--cleaner: a pinned cleaner name (weights.toml) or a model file spandrel can load."""
-    from . import weights
+    from .. import weights
 
     path = Path(choice).expanduser()
     if path.exists():

@@ -12,7 +12,7 @@ So there is no architecture code here, only a small descriptor of ours (`Cleaner
 official pipeline a model implies and which precision it runs in, plus the cross-check of a model
 description's official SwinIR kwargs against what spandrel read off the weights.
 
-Two spandrel behaviours the official pipelines do not share are handled by `restorecli.stage1`, not here:
+Two spandrel behaviours the official pipelines do not share are handled by `restorecli.stage1.run`, not here:
 spandrel's descriptor ``__call__`` pads with reflect/replicate and clamps to [0, 1] (the official
 pipelines zero-pad SwinIR, replicate-pad SCUNet and never clamp), so stage 1 calls ``Cleaner.model``.
 """
@@ -30,9 +30,9 @@ from typing import Any, Literal
 import torch
 
 from ..errors import SetupError
-from .description import CleanerSpec
+from ..models.description import CleanerSpec
 
-log = logging.getLogger("restorecli.stage1")
+log = logging.getLogger("restorecli.stage1.run")
 
 CleanerKind = Literal["swinir", "bsrnet", "scunet", "generic"]
 CLEANER_KINDS: tuple[str, ...] = ("swinir", "bsrnet", "scunet", "generic")
@@ -80,7 +80,7 @@ class Cleaner:
     `kind` names the official pipeline the model implies (PIPELINE.md 2.3, 3): ``swinir`` (DiffBIR's
     unshuffle SwinIR: PIL pre-upscale, short side -> 512, zero-pad 64), ``bsrnet`` (an x4 RRDB: no
     pre-upscale, x4, then resize), ``scunet`` (replicate-pad 64, 512 rule after) or ``generic`` (any
-    other spandrel model; see `restorecli.stage1`). `dtype` is the compute dtype actually used: the
+    other spandrel model; see `restorecli.stage1.run`). `dtype` is the compute dtype actually used: the
     requested one where spandrel says the architecture supports it, else float32.
     """
 
@@ -149,7 +149,7 @@ def load_cleaner(
     `source`: a `CleanerSpec` from a model description (arch ``swinir``: official SwinIR kwargs, checked
     against the weights; arch ``spandrel``: any file spandrel detects), a path to a model file, or a
     state dict. DiffBIR's wrappers (``state_dict``, ``module.``) are removed by
-    `restorecli.checkpoints.load_state_dict`. Raises SetupError for anything that is not a usable
+    `restorecli.models.safe_load.load_state_dict`. Raises SetupError for anything that is not a usable
     RGB image-to-image model.
     """
     spec = source if isinstance(source, CleanerSpec) else None
@@ -182,7 +182,7 @@ def load_cleaner(
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     # Imported here: checkpoints.py owns safe loading and the DiffBIR unwrapping (state_dict / module.).
-    from ..checkpoints import load_state_dict
+    from ..models.safe_load import load_state_dict
 
     return dict(load_state_dict(path))
 

@@ -1,7 +1,7 @@
 """Restore images one by one: the per-file steps (read -> model -> write) and `restore IMAGE...`.
 
 `restore_files` plans outputs, refuses unsafe writes, then hands the files to the same loop as
-`restore batch` (`restorecli.batch.run_batch`: models loaded once, I/O overlapped with the model,
+`restore batch` (`restorecli.run.loop.run_batch`: models loaded once, I/O overlapped with the model,
 per-file failures reported and the run goes on) and reports each file (stderr lines, or JSON lines on
 stdout). It returns the exit code.
 """
@@ -19,10 +19,10 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import RestoreError, UsageError
-from .options import RestoreOptions
+from ..errors import RestoreError, UsageError
+from ..settings.defaults import RestoreOptions
 from .outputs import STDIO, OutputPlan, check_output, format_of, is_directory_target, output_name, plan_outputs
-from .ui import Output
+from ..cli.terminal import Output
 
 
 def call_kwargs(opts: RestoreOptions) -> dict:
@@ -85,7 +85,7 @@ class Restored:
 
 def read_input(path: str):
     """Step 1: the decoded image (`imageio.LoadedImage`); InputError for a bad file."""
-    from .imageio import read_image
+    from ..imageio import read_image
 
     return read_image(path)
 
@@ -95,7 +95,7 @@ def run_model(pipe, image, opts: RestoreOptions, *, on_step=None, source: str | 
 
     With `--save-guidance-map`, `opts.extra["guidance_maps"]` maps each input to its map's path; the
     map comes back in the result for `write_output`."""
-    from .imageio import from_float, resize_alpha, to_gray
+    from ..imageio import from_float, resize_alpha, to_gray
 
     map_path = opts.extra.get(GUIDANCE_MAPS, {}).get(source)
     out = pipe(image.rgb, output_type="pt", on_step=on_step, source=source, return_guidance_map=map_path is not None,
@@ -112,7 +112,7 @@ def run_model(pipe, image, opts: RestoreOptions, *, on_step=None, source: str | 
 
 def write_output(dest: str | BinaryIO, restored: Restored, *, fmt: str | None, quality: int, overwrite: bool) -> None:
     """Step 3: encode and write atomically (a path) or in one piece (a stream); OutputError on failure."""
-    from .imageio import write_image
+    from ..imageio import write_image
 
     write_image(
         dest, restored.pixels, alpha=restored.alpha, fmt=fmt, quality=quality, icc_profile=restored.icc_profile,
@@ -142,7 +142,7 @@ def guidance_map_path(save_guidance_map: str, input_path: str, n_inputs: int) ->
 
 def write_guidance_map(path: str, weight: np.ndarray, *, overwrite: bool) -> None:
     """The region weight map (HxW in [0, 1]) as an 8-bit grayscale image (rounded), atomically."""
-    from .imageio import write_image
+    from ..imageio import write_image
 
     gray = np.clip(np.rint(weight * 255.0), 0, 255).astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -179,8 +179,8 @@ def restore_files(
 ) -> int:
     """Returns the exit code: 0 all done, 1 some inputs failed. Usage/setup errors raise (exit 2);
     Ctrl-C raises `batch.BatchInterrupted` after the outputs already computed are written."""
-    from .batch import Job, run_batch
-    from .loading import load_pipeline
+    from .loop import Job, run_batch
+    from ..pipeline.loading import load_pipeline
 
     opts = opts.resolve()
     plans = plan_outputs(inputs, output, suffix=suffix, fmt=fmt)

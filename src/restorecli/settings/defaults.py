@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .errors import UsageError
+from ..errors import UsageError
 
 VERSIONS = ("v1", "v2", "v2.1")
 TASKS = ("sr", "denoise", "face", "unaligned_face")

@@ -15,8 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import UsageError
-from .options import RestoreOptions
+from ..errors import UsageError
+from ..settings.defaults import RestoreOptions
 
 MODEL = "Model"
 SAMPLING = "Sampling"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("restorecli.stage1")
+log = logging.getLogger("restorecli.stage1.run")
 
 STAGE1_BYTES_PER_PIXEL = {"swinir": 1000, "bsrnet": 12000, "scunet": 5500}
 GENERIC_BYTES_PER_OUTPUT_PIXEL = 6000

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from ..tiling import gaussian_weights, sliding_windows
+from ..windows import gaussian_weights, sliding_windows
 from .cfg import Model
 
 __all__ = ["TiledModel"]

@@ -3,11 +3,11 @@
 The stages of one image run one after another and free their work in between, so each is planned on
 its own against the same budget, plus the image-sized buffers that live through all of them:
 
-    budget = SAFETY x available_memory(device, --max-memory)        (restorecli.memory)
+    budget = SAFETY x available_memory(device, --max-memory)        (restorecli.pipeline.memory)
 
 (CUDA: free device memory plus the allocator's unused cache; CPU: MemAvailable or the cgroup's headroom.)
 It is read after the models are loaded, so their weights are not part of it. Stage 1 plans its own
-tiles the same way (`restorecli.stage1`); this module plans the rest:
+tiles the same way (`restorecli.stage1.run`); this module plans the rest:
 
 ============  ==================================================  ======================================
 stage         estimate (bytes)                                    when it does not fit
@@ -77,7 +77,7 @@ import torch
 
 from .memory import SAFETY, available_memory
 
-log = logging.getLogger("restorecli.planning")
+log = logging.getLogger("restorecli.pipeline.planning")
 
 VAE_SCALE = 8
 SAMPLING_BYTES_PER_SKIP_FLOAT = 28
@@ -142,7 +142,7 @@ def sampler_buffer_bytes(h: int, w: int) -> int:
 def vae_peak_bytes(vae_config, h: int, w: int, tile: int | None, *, part: str, dtype=torch.float32,
                    device: torch.device | str = "cpu", offload: bool = False, recompute: bool = False) -> int:
     """The exact tiled VAE's (or, tile None, the plain VAE's) peak on an h x w image (pixels)."""
-    from .diffusion.tiled_vae import estimate_peak_bytes
+    from ..vae.tiled import estimate_peak_bytes
 
     est = estimate_peak_bytes(vae_config, h, w, tile, dtype, part=part, offload=offload, recompute=recompute)
     if torch.device(device).type == "cpu" and tile is None:

@@ -13,13 +13,13 @@ draw the sampler makes, each drawn on the CPU and moved to the device (DESIGN.md
 
 Memory and speed are handled here, each in one place:
 
-* `plan_memory` asks `restorecli.planning` for the stage-2 tiles that fit the device (or `max_memory`):
+* `plan_memory` asks `restorecli.pipeline.planning` for the stage-2 tiles that fit the device (or `max_memory`):
   the exact tiled VAE whenever the plain one would not fit (same result), the official latent tiles for
   sampling only when untiled sampling would not fit (a different result: logged as a warning); explicit
-  `tile_size`/`tile_stride` win. Stage 1 plans its own tiles (`restorecli.stage1`).
+  `tile_size`/`tile_stride` win. Stage 1 plans its own tiles (`restorecli.stage1.run`).
 * `_run_stage` retries a stage once with half the tiles after an out-of-memory error, with a warning,
   and then fails with an InputError for this image (a batch counts it and goes on).
-* `placement` (`restorecli.placement`) keeps idle models off the accelerator: the cleaner during stage 2,
+* `placement` (`restorecli.pipeline.placement`) keeps idle models off the accelerator: the cleaner during stage 2,
   the text encoder after encoding; with `set_offload(True)` also the VAE and the UNet/ControlNet
   outside their stages.
 * `_vae_pass` redoes a half-precision VAE pass that overflowed in float32.
@@ -41,18 +41,18 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from .colorfix import color_fix as apply_color_fix
-from .diffusion.conditioning import ControlCondition, ControlledModel
-from .diffusion.guidance import GuidanceSettings, RestorationGuidance, weight_map
-from .diffusion.noise import GeneratorNoise
-from .diffusion.sampling import sample
-from .diffusion.schedules import NoiseSchedule
-from .diffusion.tiled_vae import posterior_mode, tiled_decode, tiled_encode
-from .errors import InputError, UsageError
+from ..diffusion.conditioning import ControlCondition, ControlledModel
+from ..diffusion.guidance import GuidanceSettings, RestorationGuidance, weight_map
+from ..diffusion.noise import GeneratorNoise
+from ..diffusion.sampling import sample
+from ..diffusion.schedules import NoiseSchedule
+from ..vae.tiled import posterior_mode, tiled_decode, tiled_encode
+from ..errors import InputError, UsageError
 from .memory import available_memory
-from .models.cldm import ControlledUNet, encode_prompt, vae_decode, vae_encode
-from .models.description import DiffusionSpec
-from .models.stage1 import Cleaner
-from .options import COLOR_FIXES, SAMPLERS, START_POINTS
+from ..models.cldm import ControlledUNet, encode_prompt, vae_decode, vae_encode
+from ..models.description import DiffusionSpec
+from ..stage1.cleaners import Cleaner
+from ..settings.defaults import COLOR_FIXES, SAMPLERS, START_POINTS
 from .placement import Placement, module_device
 from .planning import (
     MemoryPlan,
@@ -64,9 +64,9 @@ from .planning import (
     smaller_sample_tile,
     stage2_budget,
 )
-from .stage1 import SWINIR_MULTIPLE, Stage1Result, pad_to_multiple, resize_to, run_stage1, stage1_only_output
+from ..stage1.run import SWINIR_MULTIPLE, Stage1Result, pad_to_multiple, resize_to, run_stage1, stage1_only_output
 
-log = logging.getLogger("restorecli.pipeline")
+log = logging.getLogger("restorecli.pipeline.diffbir")
 
 #: Latent downsampling of the SD VAE.
 VAE_SCALE = 8
@@ -113,7 +113,7 @@ class DiffBIRPipeline(DiffusionPipeline):
 
     Components: `unet` (diffusers UNet2DConditionModel), `controlnet` (`IRControlNetModel`), `vae`
     (AutoencoderKL), `text_encoder` (CLIPTextModel, penultimate layer), `tokenizer` (CLIPTokenizer).
-    `cleaner` (a `restorecli.models.stage1.Cleaner`) is held as a plain attribute; stage-2 components may
+    `cleaner` (a `restorecli.stage1.cleaners.Cleaner`) is held as a plain attribute; stage-2 components may
     be None for a stage-1-only pipeline.
     """
 
@@ -169,7 +169,7 @@ class DiffBIRPipeline(DiffusionPipeline):
     def from_description(cls, path, *, device="cpu", dtype=torch.float32, stage1_only: bool = False, **kwargs):
         """A pipeline from a `restorecli-model/1` JSON file (see `../shared/reference/model_v.json`)."""
         from .loading import load_pipeline
-        from .options import RestoreOptions
+        from ..settings.defaults import RestoreOptions
 
         opts = RestoreOptions(model=str(path), device=str(device), stage1_only=stage1_only, **kwargs)
         return load_pipeline(opts, dtype=dtype)
@@ -178,7 +178,7 @@ class DiffBIRPipeline(DiffusionPipeline):
     def from_version(cls, version: str = "v2.1", *, task: str = "sr", device="auto", stage1_only: bool = False, **kwargs):
         """A pipeline of a pinned version (v1, v2, v2.1) and task; downloads the pinned weights if needed."""
         from .loading import load_pipeline
-        from .options import RestoreOptions
+        from ..settings.defaults import RestoreOptions
 
         opts = RestoreOptions(model=version, task=task, device=str(device), stage1_only=stage1_only, **kwargs)
         return load_pipeline(opts)
@@ -255,10 +255,10 @@ class DiffBIRPipeline(DiffusionPipeline):
     ) -> DiffBIROutput:
         """Restore one image (PIL image, or HWC RGB uint8/uint16/float array).
 
-        Defaults are the official command line's (HEAD); `restorecli.options` has each version's.
+        Defaults are the official command line's (HEAD); `restorecli.settings.defaults` has each version's.
         `tile_size`/`tile_stride` (pixels) turn on the official tiled sampling; `cleaner_tile_*` the
         official tiled stage 1. `max_memory` (bytes) caps the memory every stage plans its tiles for
-        (default: what the device has free; `restorecli.planning`). `on_step(done, total)` reports
+        (default: what the device has free; `restorecli.pipeline.planning`). `on_step(done, total)` reports
         sampling progress. `source` names the image in error messages.
 
         Restoration guidance (PIPELINE.md 7.2, `restorecli.diffusion.guidance`): `guidance` > 0 pulls
@@ -359,7 +359,7 @@ class DiffBIRPipeline(DiffusionPipeline):
 
     def run_stage1(self, rgb: np.ndarray, *, upscale: float, tile_size=None, tile_stride=None,
                    max_memory=None, source=None, keep_on_device: bool = True) -> Stage1Result:
-        """Stage 1 as the official pipelines run it (see `restorecli.stage1`), with the cleaner on the
+        """Stage 1 as the official pipelines run it (see `restorecli.stage1.run`), with the cleaner on the
         device for it (and off it afterwards unless `keep_on_device`). On out-of-memory it runs once more
         with tiles half as large (explicit tiles) or half the memory budget (automatic tiles)."""
         def attempt(setting):
@@ -387,7 +387,7 @@ class DiffBIRPipeline(DiffusionPipeline):
                     sampler: str = "edm_dpm++_3m_sde", cfg: float = 6.0,
                     guidance: GuidanceSettings | None = None) -> MemoryPlan:
         """Stage-2 tiles for this image within what the device has free (at most `max_memory`), see
-        `restorecli.planning`. With `set_offload(True)` the weights a stage brings to the device are
+        `restorecli.pipeline.planning`. With `set_offload(True)` the weights a stage brings to the device are
         taken off the budget first."""
         h0, w0 = stage1.cond_img.shape[-2:]
         device = self.execution_device

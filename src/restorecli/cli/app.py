@@ -16,11 +16,11 @@ import typer
 import typer.core
 from typer.core import TyperGroup
 
-from . import __version__
-from .cli_options import restore_options
-from .errors import RestoreError, UsageError
-from .options import RestoreOptions
-from .ui import NORMAL, QUIET, VERBOSE, Output, setup_logging
+from .. import __version__
+from .options import restore_options
+from ..errors import RestoreError, UsageError
+from ..settings.defaults import RestoreOptions
+from .terminal import NORMAL, QUIET, VERBOSE, Output, setup_logging
 
 # Newer Typer vendors click as typer._click (with its own exception classes); older releases use the
 # click package. Take the one in use. typer.Exit/typer.Abort are the right classes in both.
@@ -127,7 +127,7 @@ def image_command(
     opts: RestoreOptions,
 ) -> None:
     _set_verbosity(quiet, verbose)
-    from .runner import restore_files
+    from ..run.files import restore_files
 
     code = restore_files(
         inputs,
@@ -145,8 +145,8 @@ def image_command(
 
 
 def _mount_subcommands() -> None:
-    from .cli_batch import batch_command
-    from .cli_weights import weights_app
+    from .batch import batch_command
+    from .weights import weights_app
 
     app.command("batch", help=batch_command.__doc__)(batch_command)
     app.add_typer(weights_app, name="weights")

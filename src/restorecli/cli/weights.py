@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import weights
-from .errors import RestoreError, UsageError, WeightsError
+from .. import weights
+from ..errors import RestoreError, UsageError, WeightsError
 
 weights_app = typer.Typer(
     help="List, download and verify the pinned checkpoints (weights.toml).\n\n"
@@ -55,7 +55,7 @@ STATE = {
 
 
 def _out():
-    from .cli import State  # imported late: cli.py imports this module while it loads
+    from .app import State  # imported late: cli.py imports this module while it loads
 
     return State.out
 
@@ -90,7 +90,7 @@ class _Bars:
             TransferSpeedColumn,
         )
 
-        from .ui import NORMAL
+        from .terminal import NORMAL
 
         self.progress = Progress(
             TextColumn("{task.description}"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import WeightsError
+from ..errors import WeightsError
 
 #: Wrappers around the weights, tried in this order (DiffBIR: state_dict; BasicSR: params_ema, params).
 WRAPPER_KEYS = ("state_dict", "params_ema", "params")
