@@ -17,10 +17,10 @@ from PIL import Image
 from conftest import assert_close_rel
 from restorecli.pipeline import planning
 from restorecli.errors import InputError
+from restorecli.oom import is_out_of_memory
 from restorecli.models.configs import full_size_configs
 from restorecli.pipeline.planning import (
     MIN_SAMPLE_TILE,
-    is_out_of_memory,
     plan_stage2,
     sample_tile_for,
     sampling_peak_bytes,

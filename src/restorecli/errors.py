@@ -60,3 +60,13 @@ class OutputError(RestoreError):
         self.path = os.fspath(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}", hint=hint)
+
+
+def brief(exc: BaseException, width: int = 160, *, with_type: bool = True) -> str:
+    """One line about `exc` for an error message: ``Type: first words...`` (whitespace folded), at most
+    `width` characters. `with_type=False` leaves the class name out when there is a message."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    text = f"{type(exc).__name__}: {text}" if with_type else text
+    return text if len(text) <= width else text[: width - 3] + "..."

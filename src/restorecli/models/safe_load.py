@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightsError
+from ..errors import WeightsError, brief
 
 #: Wrappers around the weights, tried in this order (DiffBIR: state_dict; BasicSR: params_ema, params).
 WRAPPER_KEYS = ("state_dict", "params_ema", "params")
@@ -73,7 +73,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: not a readable safetensors file, corrupt or truncated ({_short(exc)})") from exc
+        raise WeightsError(f"{path}: not a readable safetensors file, corrupt or truncated ({brief(exc)})") from exc
 
 
 def _load_pickle(path: Path) -> object:
@@ -86,7 +86,7 @@ def _load_pickle(path: Path) -> object:
         needs = _unsafe_globals(path, exc)
         if not needs:  # the weights-only unpickler also fails on bytes that are no pickle at all
             m = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            reason = m.group(1).strip() if m else _short(exc)
+            reason = m.group(1).strip() if m else brief(exc)
             raise WeightsError(f"{path}: not a readable checkpoint, corrupt or truncated ({reason})") from exc
         shown = ", ".join(needs[:4]) + (f" and {len(needs) - 4} more" if len(needs) > 4 else "")
         raise WeightsError(
@@ -94,7 +94,7 @@ def _load_pickle(path: Path) -> object:
             hint="load it once where you trust it and save its tensors with safetensors.torch.save_file",
         ) from None
     except Exception as exc:  # zip/pickle/EOF errors of a corrupt or truncated file
-        raise WeightsError(f"{path}: not a readable checkpoint, corrupt or truncated ({_short(exc)})") from exc
+        raise WeightsError(f"{path}: not a readable checkpoint, corrupt or truncated ({brief(exc)})") from exc
 
 
 def _check_readable(path: Path) -> None:
@@ -113,8 +113,3 @@ def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
         pass
     return names
 
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."

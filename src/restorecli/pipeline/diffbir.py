@@ -47,7 +47,8 @@ from ..diffusion.noise import GeneratorNoise
 from ..diffusion.sampling import sample
 from ..diffusion.schedules import NoiseSchedule
 from ..vae.tiled import posterior_mode, tiled_decode, tiled_encode
-from ..errors import InputError, UsageError
+from ..errors import InputError, UsageError, brief
+from ..oom import is_out_of_memory, release_memory
 from .memory import available_memory
 from ..models.cldm import ControlledUNet, encode_prompt, vae_decode, vae_encode
 from ..models.description import DiffusionSpec
@@ -56,8 +57,6 @@ from ..settings.defaults import COLOR_FIXES, SAMPLERS, START_POINTS
 from .placement import Placement, module_device
 from .planning import (
     MemoryPlan,
-    is_out_of_memory,
-    release_memory,
     VaeChoice,
     leaner_vae_choice,
     plan_stage2,
@@ -654,9 +653,9 @@ class DiffBIRPipeline(DiffusionPipeline):
             except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
                 if not is_out_of_memory(exc):
                     raise
-                first = _brief(exc)
+                first = brief(exc, 120, with_type=False)
             # outside the except block, so the failed attempt's frames and tensors are gone
-            release_memory(self.execution_device)
+            release_memory()
             retry = smaller(setting)
             if retry is None:
                 raise InputError(source, f"out of memory in {name} ({first}) and no smaller tiles to try; "
@@ -667,8 +666,8 @@ class DiffBIRPipeline(DiffusionPipeline):
             except Exception as exc:  # noqa: BLE001
                 if not is_out_of_memory(exc):
                     raise
-                second = _brief(exc)
-            release_memory(self.execution_device)
+                second = brief(exc, 120, with_type=False)
+            release_memory()
             raise InputError(source, f"too large for the available memory: {name} ran out of memory even with "
                              f"{describe(retry)} ({second}); try a smaller --upscale, --max-memory or --offload")
 
@@ -698,11 +697,6 @@ class DiffBIRPipeline(DiffusionPipeline):
 
 def _weight_bytes(*modules) -> int:
     return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _as_rgb_array(image) -> np.ndarray:

@@ -67,10 +67,8 @@ glibc told to return freed memory at once, see benchmarks/common.py):
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -367,26 +365,6 @@ def vae_choice(vae_config, h: int, w: int, tiles, *, part: str, room: int, dtype
     return choice
 
 
-# -- out of memory -----------------------------------------------------------------------------------------
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch.OutOfMemoryError (CUDA), MemoryError, and the RuntimeErrors the CPU and MPS allocators raise."""
-    if isinstance(exc, MemoryError):
-        return True
-    oom = getattr(torch, "OutOfMemoryError", None)
-    if oom is not None and isinstance(exc, oom):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def release_memory(device: torch.device | str | None = None) -> None:
-    """Collect garbage and hand the CUDA allocator's cached blocks back (before a retry)."""
-    sys.last_traceback = sys.last_value = None  # an interactive session's last error keeps its frames alive
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def smaller_vae_tile(tile: int | None, side: int, *, part: str) -> int | None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import gc
 import logging
 import os
 import sys
@@ -37,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import BinaryIO, Union
 
-from ..errors import InputError, OutputError, RestoreError, SetupError, UsageError
+from ..errors import InputError, OutputError, RestoreError, SetupError, UsageError, brief
+from ..oom import is_out_of_memory, release_memory
 from ..settings.defaults import RestoreOptions
 from .outputs import FORMAT_EXTENSIONS, STDIO, output_name
 from .files import FileResult, Restored, read_input, run_model, write_output
@@ -476,11 +476,11 @@ class _BatchRun:
         except RestoreError:
             raise  # usage and setup errors are the run's, not this file's
         except Exception as e:  # noqa: BLE001 - one image's failure must not end a 10,000-file run
-            if _is_out_of_memory(e):
-                _release_memory()
+            if is_out_of_memory(e):
+                release_memory()
                 return FileResult(job.input, job.output, "failed", error=f"{job.input}: {_oom_reason(read.image)}")
             log.debug("%s: the model failed", job.input, exc_info=True)
-            return FileResult(job.input, job.output, "failed", error=f"{job.input}: restoration failed ({_brief(e)})")
+            return FileResult(job.input, job.output, "failed", error=f"{job.input}: restoration failed ({brief(e)})")
         finally:
             model_seconds = time.perf_counter() - t0
             self.summary.model_seconds += model_seconds
@@ -498,7 +498,7 @@ class _BatchRun:
             return FileResult(job.input, job.output, "failed", error=_with_plugin_hint(job.input, e))
         except Exception as e:  # noqa: BLE001 - a decoder bug in one file must not end the run
             log.debug("%s: reading failed", job.input, exc_info=True)
-            return FileResult(job.input, job.output, "failed", error=f"{job.input}: cannot read ({_brief(e)})")
+            return FileResult(job.input, job.output, "failed", error=f"{job.input}: cannot read ({brief(e)})")
         return _Read(image, time.perf_counter() - t0)
 
     def _write(self, job: Job, restored: Restored, spent: float) -> FileResult:
@@ -515,7 +515,7 @@ class _BatchRun:
             return FileResult(job.input, job.output, "failed", error=str(e))
         except Exception as e:  # noqa: BLE001
             log.debug("%s: writing failed", job.output, exc_info=True)
-            return FileResult(job.input, job.output, "failed", error=f"{job.output}: cannot write ({_brief(e)})")
+            return FileResult(job.input, job.output, "failed", error=f"{job.output}: cannot write ({brief(e)})")
         return FileResult(job.input, job.output, "ok", seconds=spent + time.perf_counter() - t0,
                           width=restored.width, height=restored.height, seed=restored.seed)
 
@@ -565,24 +565,6 @@ def _make_folder(folder: Path) -> None:
         raise OutputError(folder, f"cannot create the folder ({reason})") from None
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """torch.OutOfMemoryError (CUDA), MemoryError, and the RuntimeErrors CPU and MPS allocators raise."""
-    if isinstance(exc, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if oom is not None and isinstance(exc, oom):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _release_memory() -> None:
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
 
 def _oom_reason(image) -> str:
     size = f"{image.width} x {image.height}"
@@ -596,8 +578,3 @@ def _with_plugin_hint(path: str, error: InputError) -> str:
         return f"{error.path}: {name} is not supported by this Pillow installation (no plugin); convert it first"
     return str(error)
 
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."

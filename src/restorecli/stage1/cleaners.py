@@ -212,15 +212,6 @@ def descriptor_from_state_dict(state_dict: Mapping[str, torch.Tensor], where: st
     return descriptor
 
 
-def _first_reason(exc: BaseException) -> str:
-    """The first specific line of a (possibly long) load_state_dict error."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    reason = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
-    return reason if len(reason) <= 200 else reason[:197] + "..."
-
-
 def cleaner_kind(descriptor) -> str:
     """Which official pipeline a spandrel model implies (PIPELINE.md 1.2, 3)."""
     arch = descriptor.architecture.id
