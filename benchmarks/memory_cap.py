@@ -3,7 +3,7 @@ cost of the exact tiled VAE's disk spill.
 
     python benchmarks/memory_cap.py                                   # 512 and 2048, then the spill (~25 min, 2 idle cores)
     python benchmarks/memory_cap.py --sizes 512,2048,4096 --max-memory 1GB
-    python benchmarks/memory_cap.py --sizes 4096 --no-sampling        # without the (slow) tiny UNet at 4096
+    python benchmarks/memory_cap.py --sizes 4096 --no-sampling --no-stage1 --parts restore   # the VAE and colour fix at 4096
     python benchmarks/memory_cap.py --parts spill --spill-size 2048
 
 `restore` part: the model step of the CLI (`restorecli.run.files.run_model`: the pipeline, then the
@@ -14,7 +14,9 @@ in float32). Each size runs in its own process. Working memory = the resident se
 (VmHWM, benchmarks/common.py) over the resident set after loading the models; it is read at the end
 of every stage and of the run, so the gaps between stages count too. "est" is the plan's estimate of
 the stage (the stage-1 image and the other image-sized buffers included). `--no-sampling` replaces the
-denoiser by the identity (x_T is decoded): the stages around it are the real ones.
+denoiser by the identity (x_T is decoded), `--no-stage1` the cleaner by a bicubic upscale (stage 1 then
+shows "-"): the stages around them are the real ones, for sizes where the tiny UNet (attention at the
+full latent resolution) and the tiled stage 1 would take hours on a small CPU.
 
 `spill` part: the tiled decoder (and encoder) of that VAE at `--spill-size`, each in its own process,
 with the same tiles: all paused tiles in memory, as the planner would spill under `--max-memory`, and
@@ -89,6 +91,14 @@ def restore_child(args) -> dict:
         pipe.spill_dir = args.spill_dir
     if args.no_sampling:
         pipe.denoise = lambda x_T, *a, **k: x_T
+    if args.no_stage1:  # the condition: the input upscaled (bicubic), at stage 1's output size
+        from restorecli.stage1.run import Stage1Result, image_to_tensor, resize_to
+
+        def stage1(rgb, *, upscale, **k):
+            size = (int(rgb.shape[0] * upscale), int(rgb.shape[1] * upscale))
+            return Stage1Result(resize_to(image_to_tensor(rgb), size), size, "swinir")
+
+        pipe.run_stage1 = stage1
     size = args.size
     rng = np.random.default_rng(size)
 
@@ -133,9 +143,11 @@ def restore_child(args) -> dict:
     ph, pw = (-(-n // SWINIR_MULTIPLE) * SWINIR_MULTIPLE for n in first.cond_img.shape[-2:])
     estimates = {"stage 1": stage1_peak_bytes(pipe.cleaner.kind, ph, pw, tile=first.tile[0] if first.tile else None),
                  **plan.estimates}
+    if args.no_stage1:
+        del estimates["stage 1"]
     return {"size": size, "base": base, "peak": watch.peak, "seconds": seconds, "stages": watch.stages,
             "plan": plan.describe(), "estimates": estimates, "budget": plan.budget,
-            "spill": plan.spill, "no_sampling": args.no_sampling}
+            "spill": plan.spill, "no_sampling": args.no_sampling, "no_stage1": args.no_stage1}
 
 
 def spill_child(args) -> dict:
@@ -196,7 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--spill-parts", default="decode,encode")
     ap.add_argument("--spill-dir", default=None)
     ap.add_argument("--cfg", type=float, default=1.0)
-    ap.add_argument("--no-sampling", action="store_true")
+    ap.add_argument("--no-sampling", action="store_true", help="decode x_T instead of sampling (the tiny UNet is slow at 4096)")
+    ap.add_argument("--no-stage1", action="store_true", help="the condition is the input upscaled (bicubic), no cleaner")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", choices=["restore", "spill"], help=argparse.SUPPRESS)
@@ -223,7 +236,8 @@ def main(argv=None) -> int:
     parts = args.parts.split(",")
     if "restore" in parts:
         for size in (int(s) for s in args.sizes.split(",")):
-            cmd = common + ["--child", "restore", "--size", str(size)] + (["--no-sampling"] if args.no_sampling else [])
+            cmd = (common + ["--child", "restore", "--size", str(size)] + (["--no-sampling"] if args.no_sampling else [])
+                   + (["--no-stage1"] if args.no_stage1 else []))
             row = run_child(cmd, env=child_env())
             row.setdefault("size", size)
             results["restore"].append(row)
@@ -257,7 +271,8 @@ def _restore_table(rows, cap) -> str:
         if "error" in r:
             out.append(f"| {r['size']}² | {r['error']} |" + " |" * (len(head) - 2))
             continue
-        cells = [f"{r['size']}²" + (" (no sampling)" if r.get("no_sampling") else ""), _mib(r["peak"]),
+        skipped = [what for what, on in (("stage 1", r.get("no_stage1")), ("sampling", r.get("no_sampling"))) if on]
+        cells = [f"{r['size']}²" + (f" (no {', no '.join(skipped)})" if skipped else ""), _mib(r["peak"]),
                  "yes" if r["peak"] <= cap else "NO"]
         est = dict(r["estimates"])
         est["prompt"] = None

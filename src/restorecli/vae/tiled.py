@@ -1,55 +1,15 @@
 """Exact, seam-free tiled encode and decode for diffusers' ``AutoencoderKL`` (tiled == untiled).
 
-Why our own
------------
-The VAE's full-resolution feature maps dominate the memory of a large restoration, so the encoder and
-the decoder must run in tiles. The two tilers at hand both change the result:
-
-* diffusers' ``AutoencoderKL.enable_tiling`` runs the whole encoder or decoder on each overlapping tile
-  and cross-fades the overlaps. Every GroupNorm then normalises with the statistics of its own tile,
-  so neighbouring tiles disagree (visible seams, a colour shift per tile) and the blend only smears it.
-* The tiled VAE vendored by the official DiffBIR code (PIPELINE.md 8.3) is under a non-commercial
-  licence, and it still approximates: each GroupNorm uses a pixel-weighted average of per-tile
-  statistics, the mid-block attention runs per tile and tiles are hard-pasted.
-
-How ours is exact
------------------
-A convolution network is local except for two things: GroupNorm (its mean and variance are taken over
-the whole image) and the mid-block self-attention (every position attends to all others). Everything
-else - 3x3 and 1x1 convolutions, SiLU, nearest upsampling, the residual adds - only looks at a small
-neighbourhood. So the network is cut at every GroupNorm into *stages*. A stage is run tile by tile
-over the output grid; each tile reads its input region plus exactly the halo its convolutions need
-(derived from each convolution's kernel, stride and padding, not hard-coded), the image border gets
-the convolution's own zero padding, and the tile's core is stored. While a stage produces its tiles it
-also accumulates, per sample and channel, the count, mean and sum of squared deviations of its output
-(fp32 per tile, merged across tiles in float64 with Chan et al.'s parallel-variance update), which are
-then pooled into the GroupNorm groups. This is the "two-pass" idea for global GroupNorm statistics:
-the pass that produces a feature map collects its exact global moments, and the next pass normalises
-every tile with them - the same mean, the same biased variance and the same ``eps`` as
-``torch.nn.GroupNorm`` over the whole image, applied as ``x * (gamma * rstd) + (beta - mean * gamma *
-rstd)`` like torch's kernels. The mid-block attention runs untiled on the whole feature map at 1/8 scale
-(small: 256x256 latent pixels for a 2048x2048 image) through the module itself, so it is the same
-computation. Hence tiles agree to float rounding with the untiled network: there is nothing to blend
-and no seam to hide.
-
-Memory
-------
-Between two synchronisation points the paused tiles of a stage's output are the feature map itself:
-they are kept as separate tile tensors, on the device or (``offload=True``) in host memory, and each
-input tile is released as soon as the last output tile that reads it is done, so a stage whose input
-dies holds about max(input, output) rather than input + output. With offload the device holds only the
-model, one tile's working set, the 1/8-scale map of the attention and the caller's input and output
-tensors. ``recompute=True`` additionally does not store the inner activation of each ResNet block (it
-is recomputed from the block input, about +35% compute) so that host memory is about one feature map.
-:func:`estimate_peak_bytes` predicts the device peak for the automatic tile planner.
-
-Tile sizes
-----------
-``tile_size`` is in image pixels for :func:`tiled_encode` and in latent pixels for
-:func:`tiled_decode`. It fixes the tile side at the full-resolution stages; lower-resolution stages,
-which have more channels and fewer pixels, use square tiles with the same element budget
-(side * sqrt(C_full / C_stage)), so the per-tile working set is the same everywhere and small stages
-are not cut into many tiny tiles. An input that fits into one tile runs the plain untiled modules.
+The VAE's full-resolution feature maps dominate a large restoration's memory, and the tilers at hand
+change the result (diffusers' ``enable_tiling`` normalises every tile with its own GroupNorm
+statistics and blends the seams; the official DiffBIR tiled VAE averages per-tile statistics). Here
+the network is cut at every GroupNorm into stages run tile by tile with exactly the halo their
+convolutions need; each stage collects the exact moments of its whole output while producing it, and
+the next normalises every tile with them, so tiles agree with the untiled network to float rounding.
+The mid-block attention runs on the whole 1/8-scale map. Between stages the paused tiles wait on the
+device, in host memory (`offload`), or, beyond `max_stored_bytes`, in temporary files (read back through
+short-lived memory maps), so memory need not hold whole feature maps. docs/memory.md explains the
+algorithm, the memory model behind :func:`estimate` and the measurements.
 """
 
 from __future__ import annotations
@@ -1098,6 +1058,8 @@ def _chain_working_set(st: _Stage, plan, shapes, elem: int, core: tuple[int, int
                 spikes.append((seq[-1] if seq else 0) + n_in + n_in * lay.up * lay.up + n_buf)
             if lay.norm is not None and elem < 4:
                 spikes.append((seq[-1] if seq else 0) + n_buf + 2 * (n_buf // elem) * 4)
+            if lay.s != (1, 1):  # oneDNN reorders a strided convolution's input into a blocked copy
+                spikes.append(2 * n_buf + n_out)
             seq.append(n_buf)
         seq.append(n_out)
     if st.residual is not None:
@@ -1164,9 +1126,10 @@ def _simulate(prog: _Program, shapes, grids, elem: int, bsz: int, *, offload: bo
             plan = _regions(st.layers, _layer_inputs(st, shapes), (g.rows[ri], g.cols[ci]))
             core = (g.rows[ri][1] - g.rows[ri][0], g.cols[ci][1] - g.cols[ci][0])
             ws = bsz * _chain_working_set(st, plan, shapes, elem, core, untiled=False)
-            # input tiles are released as the output fills, about one tile row late
+            # input tiles are released as the output fills: input row k once output row k + 1 (whose halo
+            # reads it) is done, so with R rows up to (R + 2) / R of a map is alive
             rows = len(g.rows)
-            stored = others - dying + max(dying + out_b / rows, out_b + dying / rows)
+            stored = others - dying + min(dying + out_b, max(dying + 2 * out_b / rows, out_b + 2 * dying / rows))
             if st.src in alive:
                 sc, sh, sw = shapes[st.src]
                 sg = grids[(sh, sw)]
