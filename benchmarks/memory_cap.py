@@ -12,8 +12,9 @@ the peaks do not depend on them), with the reference model `../shared/reference/
 SwinIR, UNet, ControlNet; its VAE has 32 channels at full resolution: a 2048^2 feature map is 512 MiB
 in float32). Each size runs in its own process. Working memory = the resident set's high-water mark
 (VmHWM, benchmarks/common.py) over the resident set after loading the models; it is read at the end
-of every stage and of the run, so the gaps between stages count too. "est" is the plan's estimate of
-the stage (the stage-1 image and the other image-sized buffers included). `--no-sampling` replaces the
+of every stage and of the run, so the gaps between stages count too (the last column: from the colour
+fix to the 8-bit pixels, whose estimate is the plan's "output"). "est" is the plan's estimate of the
+stage (the stage-1 image and the other image-sized buffers included). `--no-sampling` replaces the
 denoiser by the identity (x_T is decoded), `--no-stage1` the cleaner by a bicubic upscale (stage 1 then
 shows "-"): the stages around them are the real ones, for sizes where the tiny UNet (attention at the
 full latent resolution) and the tiled stage 1 would take hours on a small CPU.
@@ -52,17 +53,21 @@ class _Watch:
     def __init__(self, base: int):
         self.base = base
         self.stages: dict[str, dict] = {}
+        self.gaps: dict[str, int] = {}
         self.peak = 0
 
-    def mark(self) -> None:
-        self.peak = max(self.peak, hwm_bytes() - self.base)
+    def mark(self, where: str) -> None:
+        """The mark since the last reset (the last stage and the gap after it), as `where`."""
+        top = hwm_bytes() - self.base
+        self.peak = max(self.peak, top)
+        self.gaps[where] = max(self.gaps.get(where, 0), top)
 
     def __call__(self, name: str):
         watch = self
 
         class Block:
             def __enter__(self):
-                watch.mark()
+                watch.mark(f"until {name}")
                 reset_hwm()
                 self.t0 = time.perf_counter()
 
@@ -115,12 +120,13 @@ def restore_child(args) -> dict:
         return plans[-1]
 
     pipe.plan_memory = plan_memory
-    firsts = []
+    firsts = []  # (tile, condition size) of stage 1; not the result itself, which would keep its image alive
     real_stage1 = pipe.run_stage1
 
     def run_stage1(*a, **k):
-        firsts.append(real_stage1(*a, **k))
-        return firsts[-1]
+        result = real_stage1(*a, **k)
+        firsts.append((result.tile, tuple(result.cond_img.shape[-2:])))
+        return result
 
     pipe.run_stage1 = run_stage1
     import gc
@@ -133,19 +139,19 @@ def restore_child(args) -> dict:
     t0 = time.perf_counter()
     restored = run_model(pipe, Image, opts.resolve(), source=f"random_{size // 4}.png")
     seconds = time.perf_counter() - t0
-    watch.mark()
+    watch.mark("until the 8-bit pixels")
     assert restored.pixels.shape == (size, size, 3)
     plan = plans[-1]
     from restorecli.pipeline.memory import stage1_peak_bytes
     from restorecli.stage1.run import SWINIR_MULTIPLE
 
-    first = firsts[-1]  # the stage-1 estimate for the tiles stage 1 chose (SwinIR pipeline: the padded condition)
-    ph, pw = (-(-n // SWINIR_MULTIPLE) * SWINIR_MULTIPLE for n in first.cond_img.shape[-2:])
-    estimates = {"stage 1": stage1_peak_bytes(pipe.cleaner.kind, ph, pw, tile=first.tile[0] if first.tile else None),
+    tile, cond_size = firsts[-1]  # the stage-1 estimate for the tiles stage 1 chose (SwinIR: the padded condition)
+    ph, pw = (-(-n // SWINIR_MULTIPLE) * SWINIR_MULTIPLE for n in cond_size)
+    estimates = {"stage 1": stage1_peak_bytes(pipe.cleaner.kind, ph, pw, tile=tile[0] if tile else None),
                  **plan.estimates}
     if args.no_stage1:
         del estimates["stage 1"]
-    return {"size": size, "base": base, "peak": watch.peak, "seconds": seconds, "stages": watch.stages,
+    return {"size": size, "base": base, "peak": watch.peak, "seconds": seconds, "stages": watch.stages, "gaps": watch.gaps,
             "plan": plan.describe(), "estimates": estimates, "budget": plan.budget,
             "spill": plan.spill, "no_sampling": args.no_sampling, "no_stage1": args.no_stage1}
 
@@ -265,7 +271,8 @@ def main(argv=None) -> int:
 def _restore_table(rows, cap) -> str:
     if not rows:
         return ""
-    head = ["output", "working peak MiB", "within cap"] + [f"{s} MiB (est)" for s in STAGES] + ["seconds", "plan"]
+    head = (["output", "working peak MiB", "within cap"] + [f"{s} MiB (est)" for s in STAGES]
+            + ["colour fix to 8-bit pixels MiB (est)", "seconds", "plan"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -279,6 +286,8 @@ def _restore_table(rows, cap) -> str:
         for name in STAGES:
             st = r["stages"].get(name)
             cells.append("-" if st is None else f"{_mib(st['peak'])} ({_mib(est.get(name))})")
+        last = r.get("gaps", {}).get("until the 8-bit pixels")
+        cells.append("-" if last is None else f"{_mib(last)} ({_mib(est.get('output'))})")
         cells += [f"{r['seconds']:.0f}", r["plan"].split(": ", 1)[-1]]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -206,6 +206,9 @@ def test_smaller_tiles_after_out_of_memory():
     assert leaner_vae_choice(VaeChoice(), 1024, part="encode", device="cpu") == VaeChoice(512, True, False)
     assert leaner_vae_choice(VaeChoice(64), 1024, part="encode", device="cuda") == VaeChoice(64, True, True)
     assert leaner_vae_choice(VaeChoice(64, True), 1024, part="encode", device="cpu") is None
+    spilled = leaner_vae_choice(VaeChoice(256, max_stored=100 << 20, spill=1 << 30), 1024, part="encode", device="cpu")
+    assert spilled == VaeChoice(128, True, False, 0, 0, 50 << 20, 1 << 30)  # keeps spilling, with less in memory
+    assert leaner_vae_choice(VaeChoice(64, True, max_stored=0), 1024, part="encode", device="cpu") is None
     assert smaller_sample_tile(None, 1024, 768) == (48, 24)
     assert smaller_sample_tile((64, 32), 1024, 1024) == (32, 16)
     assert smaller_sample_tile((8, 4), 1024, 1024) is None

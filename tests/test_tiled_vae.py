@@ -391,3 +391,13 @@ def test_free_disk_is_checked_before_any_work(vae1, tmp_path, monkeypatch):
         with pytest.raises(SpillError, match=rf"free disk in {tmp_path}.*0\.0 GiB is free"):
             tiled_decode(vae, latent(13, 17), tile_size=4, max_stored_bytes=0, spill_dir=tmp_path)
     tiled_decode(vae, latent(13, 17), tile_size=4, spill_dir=tmp_path)  # nothing to spill: no check
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_spilled_half_precision_tiles_come_back_unchanged(vae1, dtype, tmp_path):
+    vae = copy.deepcopy(vae1).to(dtype)
+    z = latent(13, 17)
+    info: dict = {}
+    got = tiled_decode(vae, z, tile_size=4, max_stored_bytes=0, spill_dir=tmp_path, info=info)
+    assert info["spilled_bytes"] > 0 and got.dtype == dtype
+    assert torch.equal(got, tiled_decode(vae, z, tile_size=4))

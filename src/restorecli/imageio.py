@@ -721,17 +721,18 @@ def from_float(x: np.ndarray, bit_depth: int) -> np.ndarray:
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
-    # one float temporary, worked on in place (an image-sized copy fewer per step: large images)
+    # One float temporary, clipped in place by fmax/fmin, which also send NaN to 0 (no image-sized masks
+    # or copies: large images), as clip followed by nan_to_num(nan=0) would.
     if bit_depth == 8:
         y = x * 255
-        np.clip(y, 0, 255, out=y)
-        return np.nan_to_num(y, copy=False, nan=0.0).astype(np.uint8)
+        np.fmin(np.fmax(y, 0, out=y), 255, out=y)
+        return y.astype(np.uint8)
     if bit_depth == 16:
         x = x.astype(np.float32) if x.dtype.itemsize < 4 else x  # float16 cannot hold 65535
         y = x * 65535
         np.rint(y, out=y)
-        np.clip(y, 0, 65535, out=y)
-        return np.nan_to_num(y, copy=False, nan=0.0).astype(np.uint16)
+        np.fmin(np.fmax(y, 0, out=y), 65535, out=y)
+        return y.astype(np.uint16)
     raise ValueError(f"`bit_depth` must be 8 or 16, got {bit_depth}")
 
 

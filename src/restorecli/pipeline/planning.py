@@ -502,13 +502,16 @@ def smaller_vae_tile(tile: int | None, side: int, *, part: str) -> int | None:
 
 
 def leaner_vae_choice(choice: VaeChoice, side: int, *, part: str, device: torch.device | str) -> VaeChoice | None:
-    """The VAE's retry after an out-of-memory error: half the tile, recomputation on, and on CUDA the
-    paused tiles in host memory; None when nothing is left to shrink."""
+    """The VAE's retry after an out-of-memory error: half the tile, recomputation on, on CUDA the paused
+    tiles in host memory, and a planned memory limit for them halved (the rest on disk); None when
+    nothing is left to shrink."""
     tile = smaller_vae_tile(choice.tile, side, part=part)
     offload = torch.device(device).type == "cuda"
-    if tile is None and choice.tile is not None and choice.recompute and choice.offload == offload:
+    stored = None if choice.max_stored is None else choice.max_stored // 2
+    if (tile is None and choice.tile is not None and choice.recompute and choice.offload == offload
+            and not choice.max_stored):
         return None
-    return VaeChoice(tile or choice.tile or side, True, offload, 0, choice.untiled)
+    return VaeChoice(tile or choice.tile or side, True, offload, 0, choice.untiled, stored, choice.spill)
 
 
 def smaller_sample_tile(tile: tuple[int, int] | None, h0: int, w0: int) -> tuple[int, int] | None:
