@@ -12,16 +12,17 @@ the peaks do not depend on them), with the reference model `../shared/reference/
 SwinIR, UNet, ControlNet; its VAE has 32 channels at full resolution: a 2048^2 feature map is 512 MiB
 in float32). Each size runs in its own process. Working memory = the resident set's high-water mark
 (VmHWM, benchmarks/common.py) over the resident set after loading the models; it is read at the end
-of every stage and of the run, so the gaps between stages count too (the last column: from the colour
-fix to the 8-bit pixels, whose estimate is the plan's "output"). "est" is the plan's estimate of the
-stage (the stage-1 image and the other image-sized buffers included). `--no-sampling` replaces the
+of every stage and of every gap between stages, so the gaps count too (the last column: from the end
+of the colour fix to the 8-bit pixels, whose estimate is the plan's "output"). "est" is the plan's
+estimate of the stage (the stage-1 image and the other image-sized buffers included). `--no-sampling` replaces the
 denoiser by the identity (x_T is decoded), `--no-stage1` the cleaner by a bicubic upscale (stage 1 then
 shows "-"): the stages around them are the real ones, for sizes where the tiny UNet (attention at the
 full latent resolution) and the tiled stage 1 would take hours on a small CPU.
 
 `spill` part: the tiled decoder (and encoder) of that VAE at `--spill-size`, each in its own process,
-with the same tiles: all paused tiles in memory, as the planner would spill under `--max-memory`, and
-everything on disk. Peak working memory, wall time, bytes written to disk, and the largest difference
+with the tile the planner picks under `--max-memory`: all paused tiles in memory; in memory with the
+inner ResNet activations recomputed (the planner's choice at 2048^2 under 1 GB); at most 256 MiB in
+memory and the rest on disk; everything on disk. Peak working memory, wall time, bytes written to disk, and the largest difference
 from the in-memory result (it must be 0: the spill changes where tiles wait, not what is computed).
 The temporary files go to `--spill-dir` (default $RESTORE_HOME/tmp).
 """
@@ -41,19 +42,22 @@ from common import SHARED, child_env, hwm_bytes, load_average, reset_hwm, rss_by
 
 MODEL = SHARED / "reference" / "model_v.json"
 STAGES = ("stage 1", "prompt", "encode", "sampling", "decode", "colour fix")
+SPILL_MODES = ("memory", "recompute", "256 MiB in memory", "all on disk")
 
 
 # ------------------------------------------------------------------------------------------ children
 
 
 class _Watch:
-    """`DiffBIRPipeline.stage_monitor`: the high-water mark at every stage boundary, so that the peak of
-    each stage and of the gaps between them is seen (the mark is reset when a stage starts)."""
+    """`DiffBIRPipeline.stage_monitor`: the high-water mark at every stage boundary, reset at each, so that
+    the peak of every stage and of every gap between stages is seen ("after X": from the end of stage X
+    to the start of the next; "after colour fix": to the 8-bit pixels)."""
 
     def __init__(self, base: int):
         self.base = base
         self.stages: dict[str, dict] = {}
         self.gaps: dict[str, int] = {}
+        self.last = "the start"
         self.peak = 0
 
     def mark(self, where: str) -> None:
@@ -67,7 +71,7 @@ class _Watch:
 
         class Block:
             def __enter__(self):
-                watch.mark(f"until {name}")
+                watch.mark(f"after {watch.last}")
                 reset_hwm()
                 self.t0 = time.perf_counter()
 
@@ -77,6 +81,8 @@ class _Watch:
                 row = watch.stages.setdefault(name, {"s": 0.0, "peak": 0})
                 row["s"] += time.perf_counter() - self.t0
                 row["peak"] = max(row["peak"], top)
+                watch.last = name
+                reset_hwm()
                 return False
 
         return Block()
@@ -139,7 +145,7 @@ def restore_child(args) -> dict:
     t0 = time.perf_counter()
     restored = run_model(pipe, Image, opts.resolve(), source=f"random_{size // 4}.png")
     seconds = time.perf_counter() - t0
-    watch.mark("until the 8-bit pixels")
+    watch.mark(f"after {watch.last}")
     assert restored.pixels.shape == (size, size, 3)
     plan = plans[-1]
     from restorecli.pipeline.memory import stage1_peak_bytes
@@ -174,7 +180,9 @@ def spill_child(args) -> dict:
         inp = torch.rand(1, 3, s, s, generator=g) * 2 - 1
     else:
         inp = torch.randn(1, 4, s // 8, s // 8, generator=g)
-    limit = {"memory": None, "planned": choice.max_stored, "all on disk": 0}[args.mode]
+    # the planner's tile; its paused tiles in memory, or recomputed, or beyond 256 MiB on disk, or all on disk
+    limit = {"memory": None, "recompute": None, "256 MiB in memory": 256 << 20, "all on disk": 0}[args.mode]
+    recompute = args.mode == "recompute"
     tile = choice.tile or (512 if args.part == "encode" else 64)
     info: dict = {}
     import gc
@@ -184,7 +192,8 @@ def spill_child(args) -> dict:
     reset_hwm()
     t0 = time.perf_counter()
     run = tiled_encode if args.part == "encode" else tiled_decode
-    out = run(pipe.vae, inp, tile_size=tile, max_stored_bytes=limit, spill_dir=args.spill_dir, info=info)
+    out = run(pipe.vae, inp, tile_size=tile, recompute=recompute, max_stored_bytes=limit, spill_dir=args.spill_dir,
+              info=info)
     seconds = time.perf_counter() - t0
     peak = hwm_bytes() - base
     ref = Path(args.ref)
@@ -209,7 +218,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="512,2048", help="output sides, comma-separated")
     ap.add_argument("--max-memory", default="1GB")
-    ap.add_argument("--parts", default="restore,spill")
+    ap.add_argument("--parts", default="restore,spill", help="restore, spill or both")
     ap.add_argument("--spill-size", type=int, default=2048)
     ap.add_argument("--spill-parts", default="decode,encode")
     ap.add_argument("--spill-dir", default=None)
@@ -252,7 +261,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for part in args.spill_parts.split(","):
                 ref = os.path.join(tmp, f"{part}.pt")
-                for mode in ("memory", "planned", "all on disk"):
+                for mode in SPILL_MODES:
                     cmd = common + ["--child", "spill", "--size", str(args.spill_size), "--part", part, "--mode", mode,
                                     "--ref", ref]
                     row = run_child(cmd, env=child_env())
@@ -272,7 +281,7 @@ def _restore_table(rows, cap) -> str:
     if not rows:
         return ""
     head = (["output", "working peak MiB", "within cap"] + [f"{s} MiB (est)" for s in STAGES]
-            + ["colour fix to 8-bit pixels MiB (est)", "seconds", "plan"])
+            + ["after the colour fix MiB (est)", "seconds", "plan"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -286,7 +295,7 @@ def _restore_table(rows, cap) -> str:
         for name in STAGES:
             st = r["stages"].get(name)
             cells.append("-" if st is None else f"{_mib(st['peak'])} ({_mib(est.get(name))})")
-        last = r.get("gaps", {}).get("until the 8-bit pixels")
+        last = r.get("gaps", {}).get("after colour fix")
         cells.append("-" if last is None else f"{_mib(last)} ({_mib(est.get('output'))})")
         cells += [f"{r['seconds']:.0f}", r["plan"].split(": ", 1)[-1]]
         out.append("| " + " | ".join(cells) + " |")
@@ -303,8 +312,8 @@ def _spill_table(rows) -> str:
         if "error" in r:
             out.append(f"| {r['part']} | | {r['mode']} | {r['error']} |" + " |" * (len(head) - 4))
             continue
-        where = {"memory": "in memory", "planned": f"planned: {_mib(r['limit'])} MiB in memory",
-                 "all on disk": "all on disk"}[r["mode"]]
+        where = {"memory": "all in memory", "recompute": "in memory, inner activations recomputed",
+                 "256 MiB in memory": "256 MiB in memory, the rest on disk", "all on disk": "all on disk"}[r["mode"]]
         out.append("| " + " | ".join([r["part"], f"{r['size']}²", where, str(r["tile"]), _mib(r["peak"]),
                                       f"{r['seconds']:.1f}", _mib(r["spilled"]), _mib(r["disk_peak"]),
                                       f"{r['diff']:.1g}"]) + " |")

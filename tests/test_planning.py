@@ -299,6 +299,16 @@ def test_an_image_that_cannot_fit_is_refused_before_any_work(pipe, monkeypatch):
     assert pipe.check_memory((512, 512), upscale=16, max_memory=None) is None  # no cap: only the free memory tiles
 
 
+def test_a_disk_too_small_for_the_spill_is_refused_before_any_work(pipe, monkeypatch, tmp_path):
+    """4096^2 under 1GB puts ~6 GiB of paused VAE tiles on disk: with 1 MiB free, one line names the folder."""
+    import shutil
+
+    monkeypatch.setattr(pipe, "spill_dir", str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 1 << 40, 1 << 20))
+    with pytest.raises(InputError, match=rf"^big\.png: the tiled VAE needs about [\d.]+ GiB of free disk in {tmp_path} "):
+        pipe.check_memory((1024, 1024), upscale=4, max_memory=GiB, source="big.png")
+
+
 @pytest.mark.slow
 def test_decode_out_of_memory_is_retried_with_tiles(pipe, photo, reference, monkeypatch, caplog):
     import restorecli.pipeline.diffbir as pl
