@@ -28,7 +28,7 @@ from restorecli.run import loop as batch
 from restorecli.run.loop import Job, discover, plan_batch, read_list, run_batch
 from restorecli.cli.app import main
 from restorecli.imageio import is_temp_file
-from restorecli.settings.defaults import RestoreOptions
+from restorecli.settings import RestoreSettings
 from restorecli.run.files import FileResult
 
 FAKE_RESTORE = [sys.executable, str(Path(__file__).with_name("_fake_pipeline.py"))]
@@ -443,7 +443,7 @@ def test_overlap_gives_the_same_results_in_the_same_order(tmp_path):
     paths = [png(src / f"{i}.png", size=(8 + 7 * (i % 3), 8), seed=i) for i in range(8)]
     (src / "x.png").write_text("bad")
     paths.insert(3, src / "x.png")
-    opts = RestoreOptions(upscale=2.0).resolve()
+    opts = RestoreSettings(upscale=2.0)
     outputs = {}
     for overlap in (True, False):
         out = tmp_path / f"out{overlap}"

@@ -96,9 +96,15 @@ def test_output_equal_to_input_is_refused(tmp_path, capsys):
 
 
 def test_subcommand_names_are_not_taken_as_files(capsys):
+    """`restore weights --help` is the weights group's help, not the image command's help for a file
+    named "weights"."""
     code, out, err = run(["weights", "--help"], capsys)
     assert code == 0
-    assert "weights" in out.lower()
+    text = " ".join(out.split())
+    assert "Usage: restore weights" in text
+    for sub in ("list", "fetch", "verify", "path"):
+        assert f"│ {sub} " in out or f" {sub} " in text
+    assert "Image files" not in text and "--sampler" not in text  # the image command's arguments and options
 
 
 def test_file_named_like_a_subcommand_needs_a_path(tmp_path, capsys, monkeypatch):

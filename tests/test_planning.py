@@ -337,13 +337,13 @@ def test_cfg_is_batched_on_accelerators_only(pipe, monkeypatch):
 
 
 def test_load_uses_sdpa_attention_and_compiles_on_request(reference_dir, monkeypatch):
-    from restorecli.pipeline.loading import load_pipeline, use_sdpa
-    from restorecli.settings.defaults import RestoreOptions
+    from restorecli.pipeline.build import load_pipeline
+    from restorecli.pipeline.loading import use_sdpa
+    from restorecli.settings import LoadSettings
 
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
-    opts = RestoreOptions(model=str(reference_dir / "model_v.json"), device="cpu", compile=True, offload=True)
-    p = load_pipeline(opts)
+    p = load_pipeline(LoadSettings(model=str(reference_dir / "model_v.json"), device="cpu", compile=True, offload=True))
     assert sorted(compiled) == ["IRControlNetModel", "UNet2DConditionModel"]
     for module in (p.unet, p.controlnet, p.vae):
         assert use_sdpa(module) == {"AttnProcessor2_0"}
@@ -358,20 +358,12 @@ def test_max_memory_reaches_the_pipeline(tmp_path, monkeypatch, capsys):
     import _fake_pipeline
 
     built = _fake_pipeline.install(monkeypatch)
-    seen = []
-    real_call = _fake_pipeline.FakePipeline.__call__
-
-    def call(self, rgb, **kw):
-        seen.append(kw.get("max_memory"))
-        return real_call(self, rgb, **kw)
-
-    monkeypatch.setattr(_fake_pipeline.FakePipeline, "__call__", call)
     src = tmp_path / "a.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
     from restorecli.cli.app import main
 
     assert main([str(src), "-o", str(tmp_path / "b.png"), "--max-memory", "1.5GB"]) == 0, capsys.readouterr().err
-    assert built and seen == [int(1.5 * 2**30)]
+    assert built and [s.tiles.max_memory for s in built[0].settings] == [int(1.5 * 2**30)]
     assert main([str(src), "-o", str(tmp_path / "c.png"), "--max-memory", "lots"]) == 2
     assert "--max-memory` must look like 8GB" in capsys.readouterr().err
 

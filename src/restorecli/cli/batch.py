@@ -10,11 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import restore_options
+from .options import RunRequest, restore_options
 from ..errors import SetupError, UsageError
-from ..settings.defaults import RestoreOptions
 from ..run.outputs import STDIO
-from .terminal import NORMAL, Output
+from .terminal import NORMAL, Output, use_verbosity
 
 #: Without a terminal, a progress line at most this often (seconds).
 PLAIN_PROGRESS_INTERVAL = 15.0
@@ -37,7 +36,7 @@ def batch_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr (a line per file).")] = False,
     *,
-    opts: RestoreOptions,
+    request: RunRequest,
 ) -> None:
     """Restore every image in a folder; a rerun skips what is done.
 
@@ -55,12 +54,9 @@ def batch_command(
 
     `find . -name '*.tif' | restore batch --from-list - -o out/ --json`
     """
-    from .app import State, _set_verbosity
-
-    _set_verbosity(quiet, verbose)
-    out = State.out
+    out = use_verbosity(quiet, verbose)
     code = run_batch_command(
-        directory, output, opts, out=out, recursive=recursive, pattern=glob, from_list=from_list,
+        directory, output, request, out=out, recursive=recursive, pattern=glob, from_list=from_list,
         overwrite=overwrite, suffix=suffix, fmt=fmt, quality=quality, json_lines=json_lines, overlap=overlap,
         save_guidance_map=save_guidance_map,
     )
@@ -70,7 +66,7 @@ def batch_command(
 def run_batch_command(
     directory: str | None,
     output: str | None,
-    opts: RestoreOptions,
+    request: RunRequest,
     *,
     out: Output,
     recursive: bool = False,
@@ -85,9 +81,9 @@ def run_batch_command(
     save_guidance_map: str | None = None,
 ) -> int:
     from ..run import loop as batch
-    from ..pipeline.loading import load_pipeline
+    from ..pipeline.build import load_pipeline
 
-    opts = opts.resolve()
+    settings = request.settings
     outdir = _output_dir(directory, output, from_list)
 
     # 1. What to restore
@@ -106,7 +102,7 @@ def run_batch_command(
         sources, ignored, failures = found.sources, found.ignored, found.failures
     entries = failures + batch.plan_batch(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
     if save_guidance_map is not None:
-        opts = _with_guidance_maps(opts, entries, outdir, Path(save_guidance_map))
+        entries = _with_guidance_maps(settings, entries, outdir, Path(save_guidance_map))
     jobs = sum(isinstance(e, batch.Job) for e in entries)
     skipped = sum(getattr(e, "status", None) == "skipped" for e in entries)
     where = f"{directory} -> {outdir}" if directory is not None else f"-> {outdir}"
@@ -131,7 +127,8 @@ def run_batch_command(
         try:
             with view:
                 summary = batch.run_batch(
-                    entries, lambda: load_pipeline(opts), opts, overwrite=overwrite, fmt=fmt, quality=quality,
+                    entries, lambda: load_pipeline(request.load, stage1_only=settings.stage1_only), settings,
+                    overwrite=overwrite, fmt=fmt, quality=quality,
                     overlap=overlap, events=view,
                 )
         except batch.BatchInterrupted as stop:
@@ -142,7 +139,7 @@ def run_batch_command(
     return summary.exit_code
 
 
-def _with_guidance_maps(opts: RestoreOptions, entries, outdir: Path, map_dir: Path) -> RestoreOptions:
+def _with_guidance_maps(settings, entries, outdir: Path, map_dir: Path) -> list:
     """`--save-guidance-map DIR`: each image's map at DIR/<its output's subfolder>/<input stem>_guidance.png.
     A map is written right after its image, by the same rules (never over an input; kept unless
     --overwrite); an image skipped because its output exists gets no map."""
@@ -150,9 +147,8 @@ def _with_guidance_maps(opts: RestoreOptions, entries, outdir: Path, map_dir: Pa
 
     from ..run.loop import Job
     from ..run.outputs import output_name
-    from ..run.files import GUIDANCE_MAPS
 
-    if opts.stage1_only:
+    if settings.stage1_only:
         raise UsageError("--save-guidance-map needs stage 2; it cannot be combined with --stage1-only")
     if map_dir.exists() and not map_dir.is_dir():
         raise UsageError(f"--save-guidance-map {map_dir}: not a folder (`restore batch` writes one map per image)")
@@ -165,7 +161,7 @@ def _with_guidance_maps(opts: RestoreOptions, entries, outdir: Path, map_dir: Pa
     clash = next((path for path in maps.values() if os.path.abspath(path) in inputs), None)
     if clash is not None:
         raise UsageError(f"--save-guidance-map {map_dir}: the map {clash} would overwrite an input; choose another folder")
-    return dataclasses.replace(opts, extra={**opts.extra, GUIDANCE_MAPS: maps})
+    return [dataclasses.replace(e, guidance_map=maps[e.input]) if isinstance(e, Job) else e for e in entries]
 
 
 def _output_dir(directory: str | None, output: str | None, from_list: str | None) -> Path:

@@ -64,13 +64,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from ..settings.choices import GUIDANCE_LOSSES, GUIDANCE_SPACES
+from ..settings.tree import GuidanceSettings
 from .hooks import X0HookContext
 from .noise import NoiseSource
 
@@ -88,8 +88,6 @@ __all__ = [
 
 log = logging.getLogger("restorecli.guidance")
 
-GUIDANCE_LOSSES = ("w_mse", "mse")
-GUIDANCE_SPACES = ("latent", "rgb")
 #: Upstream multiplies the user's scale by 3000 (``Guidance.__init__``: ``self.scale = scale * 3000``).
 GRADIENT_SCALE = 3000.0
 #: ITU-R BT.601 luma weights as ``WeightedMSEGuidance._get_weight`` writes them.
@@ -103,45 +101,6 @@ BLOCK = 2
 VAE_SCALE = 8
 
 
-@dataclass(frozen=True)
-class GuidanceSettings:
-    """The six ``--guidance*`` options (official v2-era defaults, PIPELINE.md 7.2).
-
-    ``scale``: the official ``--g_scale`` (0 = off); ``loss``: w_mse | mse; ``space``: latent | rgb;
-    guidance acts while ``stop < t + 1 < start`` (model timestep t, counting down from 999); ``repeat``
-    gradient steps per sampling step.
-    """
-
-    scale: float = 0.0
-    loss: str = "w_mse"
-    space: str = "latent"
-    start: int = 1001
-    stop: int = -1
-    repeat: int = 1
-
-    def __post_init__(self):
-        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale >= 0):
-            raise UsageError(f"`guidance` must be a finite number >= 0, got {self.scale}")
-        if self.loss not in GUIDANCE_LOSSES:
-            raise UsageError(f"`guidance_loss` must be one of {', '.join(GUIDANCE_LOSSES)}; got {self.loss!r}")
-        if self.space not in GUIDANCE_SPACES:
-            raise UsageError(f"`guidance_space` must be one of {', '.join(GUIDANCE_SPACES)}; got {self.space!r}")
-        if int(self.start) <= int(self.stop):
-            raise UsageError(
-                "`guidance_start` must be greater than `guidance_stop` (guidance acts while stop < t < start, "
-                f"t counting down from 1000); got start {self.start}, stop {self.stop}"
-            )
-        if int(self.repeat) < 1:
-            raise UsageError(f"`guidance_repeat` must be >= 1, got {self.repeat}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.scale > 0
-
-    def active_at(self, model_t: float) -> bool:
-        """``stop < t_now < start`` (strict) with ``t_now = model_t + 1`` (``apply_cond_fn``)."""
-        t_now = model_t + 1
-        return self.stop < t_now < self.start
 
 
 # --------------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
     0, 20, 41, 61, 82, ... (PIPELINE.md 6.2). Always includes 0 and T-1.
     """
     if not 1 <= steps <= num_timesteps:
-        raise UsageError(f"`--steps` must be in [1, {num_timesteps}] for the spaced sampler, got {steps}")
+        raise UsageError(f"`steps` must be in [1, {num_timesteps}] for the spaced sampler, got {steps}")
     stride = 1 if steps <= 1 else (num_timesteps - 1) / (steps - 1)
     taken, cur = set(), 0.0
     for _ in range(steps):
@@ -164,14 +164,14 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
     1, 101, ..., 901, and when T % N != 0 there are MORE than N steps (N=30 -> 31). PIPELINE.md 6.3, 10.3.
     """
     if not 1 <= steps <= num_timesteps:
-        raise UsageError(f"`--steps` must be in [1, {num_timesteps}] for the ddim sampler, got {steps}")
+        raise UsageError(f"`steps` must be in [1, {num_timesteps}] for the ddim sampler, got {steps}")
     timesteps = np.arange(0, num_timesteps, num_timesteps // steps, dtype=np.int64) + 1
     if timesteps[-1] >= num_timesteps:
         # the +1 lands on T when T - 1 is a multiple of T // N (N = 3, 9, 27, 37, 101-111, 251-333, > 500
         # for T = 1000); upstream then fails with an IndexError
         raise UsageError(
             f"the ddim sampler cannot run {steps} steps: its timesteps range(0, {num_timesteps}, "
-            f"{num_timesteps // steps}) + 1 would reach {num_timesteps}; choose another `--steps`"
+            f"{num_timesteps // steps}) + 1 would reach {num_timesteps}; choose another `steps`"
         )
     return timesteps
 
@@ -229,7 +229,7 @@ class EDMSchedule:
     @classmethod
     def build(cls, schedule: NoiseSchedule, steps: int) -> "EDMSchedule":
         if steps < 1:
-            raise UsageError(f"`--steps` must be >= 1, got {steps}")
+            raise UsageError(f"`steps` must be >= 1, got {steps}")
         tau = np.linspace(schedule.num_timesteps - 1, 0, steps, endpoint=False).astype(int)
         acp = schedule.alphas_cumprod[tau].copy()
         acp[0] = 1e-8

@@ -33,7 +33,7 @@ def initial_latent(
     if start_point == "noise":
         return noise.randn(shape, device)
     if start_point != "cond":
-        raise UsageError(f"`--start-point` must be noise or cond, got {start_point!r}")
+        raise UsageError(f"`start_point` must be noise or cond, got {start_point!r}")
     if c_img is None:
         raise ValueError("start_point='cond' needs the condition latent c_img")
     if tuple(c_img.shape) != tuple(shape):

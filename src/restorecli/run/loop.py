@@ -38,7 +38,7 @@ from typing import BinaryIO, Union
 
 from ..errors import InputError, OutputError, RestoreError, SetupError, UsageError, brief
 from ..oom import is_out_of_memory, release_memory
-from ..settings.defaults import RestoreOptions
+from ..settings import RestoreSettings
 from .outputs import FORMAT_EXTENSIONS, STDIO, output_name
 from .files import FileResult, Restored, read_input, run_model, write_output
 
@@ -206,6 +206,7 @@ class Job:
     input: str
     output: str
     make_folders: bool = True  # create the output's folder when missing
+    guidance_map: str | None = None  # where --save-guidance-map writes this image's map
 
 
 Entry = Union[Job, FileResult]
@@ -378,7 +379,7 @@ class BatchInterrupted(KeyboardInterrupt):
 def run_batch(
     entries: Sequence[Entry],
     load_pipeline: Callable[[], object],
-    opts: RestoreOptions,
+    settings: RestoreSettings,
     *,
     overwrite: bool = False,
     fmt: str | None = None,
@@ -395,7 +396,7 @@ def run_batch(
     Outputs named "-" go to `stdout` (default sys.stdout.buffer). Usage and setup errors raised by
     the pipeline (bad options, missing weights) end the run; everything else is one file's failure.
     """
-    return _BatchRun(entries, load_pipeline, opts, overwrite=overwrite, fmt=fmt, quality=quality,
+    return _BatchRun(entries, load_pipeline, settings, overwrite=overwrite, fmt=fmt, quality=quality,
                      overlap=overlap, prefetch=max(0, prefetch), events=events or BatchEvents(),
                      stdout=stdout).run()
 
@@ -407,10 +408,10 @@ class _Read:
 
 
 class _BatchRun:
-    def __init__(self, entries, load_pipeline, opts, *, overwrite, fmt, quality, overlap, prefetch, events, stdout):
+    def __init__(self, entries, load_pipeline, settings, *, overwrite, fmt, quality, overlap, prefetch, events, stdout):
         self.entries = list(entries)
         self.load_pipeline = load_pipeline
-        self.opts = opts
+        self.settings = settings
         self.overwrite, self.fmt, self.quality = overwrite, fmt, quality
         self.events = events
         self.stdout = stdout
@@ -470,7 +471,8 @@ class _BatchRun:
         self.events.started(index, job)
         t0 = time.perf_counter()
         try:
-            restored = run_model(self.pipe, read.image, self.opts, on_step=self.events.step, source=job.input)
+            restored = run_model(self.pipe, read.image, self.settings, on_step=self.events.step, source=job.input,
+                                 guidance_map=job.guidance_map)
         except (InputError, OutputError) as e:
             return FileResult(job.input, job.output, "failed", error=str(e))
         except RestoreError:

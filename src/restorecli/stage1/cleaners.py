@@ -122,6 +122,14 @@ class Cleaner:
     def device(self) -> torch.device:
         return self.descriptor.device
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Cleaner":
+        """Move the network (weights stay float32); `dtype` changes the compute dtype where supported."""
+        if device is not None:
+            self.descriptor.to(torch.device(device))
+        if dtype is not None:
+            self.dtype = resolve_dtype(self.descriptor, dtype, self.name)
+        return self
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """torch.autocast in `dtype` (as the official Pipeline.run, loop.py), or nothing for float32."""
         if self.dtype == torch.float32:
@@ -197,7 +205,7 @@ def descriptor_from_state_dict(state_dict: Mapping[str, torch.Tensor], where: st
     except spandrel.UnsupportedModelError:
         raise SetupError(
             f"{where}: not a model architecture spandrel {spandrel.__version__} can detect",
-            hint="--cleaner takes a pinned cleaner name or an image-to-image model file spandrel supports",
+            hint="`cleaner` takes a pinned cleaner name or an image-to-image model file spandrel supports",
         ) from None
     except (RuntimeError, KeyError, ValueError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

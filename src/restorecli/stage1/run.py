@@ -94,7 +94,7 @@ def stage1_plan(version: str, task: str) -> Stage1Plan:
     if version == "custom":
         return Stage1Plan("description", "swinir", True)
     if (version, task) == ("v1", "unaligned_face"):
-        raise UsageError("--task unaligned_face needs v2 or v2.1 (v1 has no model for it)")
+        raise UsageError("`task` unaligned_face needs v2 or v2.1 (v1 has no model for it)")
     try:
         return _PLANS[(version, task)]
     except KeyError:
@@ -127,7 +127,7 @@ def pre_upscale(rgb: np.ndarray, upscale: float) -> np.ndarray:
     if (oh, ow) == (h, w):
         return rgb.copy()
     if oh < 1 or ow < 1:
-        raise ValueError(f"--upscale {upscale} turns {w}x{h} into {ow}x{oh}")
+        raise ValueError(f"`upscale` {upscale} turns {w}x{h} into {ow}x{oh}")
     if rgb.dtype == np.uint8:
         return np.asarray(Image.fromarray(rgb).resize((ow, oh), Image.BICUBIC))
     top = 65535.0 if rgb.dtype == np.uint16 else 1.0
@@ -284,7 +284,7 @@ def run_stage1(
     h, w = image.shape[:2]
     output_size = output_size_for(h, w, upscale)
     if min(h, w) < 1 or min(output_size) < 1:
-        raise InputError(source, f"{w}x{h} image is too small for --upscale {upscale:g} (output {output_size[1]}x{output_size[0]})")
+        raise InputError(source, f"{w}x{h} image is too small for `upscale` {upscale:g} (output {output_size[1]}x{output_size[0]})")
     _check_not_too_thin(output_size, source)
     pre = _pre_upscale_factor(pipeline, upscale, cleaner.scale)
     if pre is not None:
@@ -367,13 +367,13 @@ def _explicit_tile(pipeline: str, x: torch.Tensor, size: int | None, stride: int
     """(size, stride) for the official tiled path, or None (untiled; too-small images fall back, as upstream)."""
     if size is None:
         if stride is not None:
-            raise UsageError("`--cleaner-tile-stride` needs `--cleaner-tile-size`")
+            raise UsageError("`cleaner_tile_stride` needs `cleaner_tile_size`")
         return None
     stride = size // 2 if stride is None else stride
     if size <= 0 or not 0 < stride <= size:
         raise UsageError(f"cleaner tiles need 0 < stride <= size, got size {size}, stride {stride}")
     if pipeline == "swinir" and size % SWINIR_MULTIPLE:
-        raise UsageError(f"`--cleaner-tile-size` must be a multiple of {SWINIR_MULTIPLE} for SwinIR, got {size}")
+        raise UsageError(f"`cleaner_tile_size` must be a multiple of {SWINIR_MULTIPLE} for SwinIR, got {size}")
     h, w = x.shape[-2:]
     if h < size or w < size:
         log.info("stage 1: the %dx%d input is smaller than the %d tile; not tiling", w, h, size)
