@@ -35,7 +35,6 @@ class Output:
     def __init__(self, level: int = NORMAL):
         self.level = level
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
-        self.out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
     # -- stderr ---------------------------------------------------------------------------
     def info(self, message: str) -> None:

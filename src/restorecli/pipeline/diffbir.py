@@ -46,6 +46,7 @@ from ..diffusion.guidance import RestorationGuidance, weight_map
 from ..diffusion.noise import GeneratorNoise
 from ..diffusion.sampling import sample
 from ..diffusion.schedules import NoiseSchedule
+from ..diffusion.start import augment_condition, initial_latent
 from ..vae.tiled import posterior_mode, tiled_decode, tiled_encode
 from ..errors import InputError, UsageError, brief
 from ..oom import is_out_of_memory, release_memory
@@ -478,17 +479,12 @@ class DiffBIRPipeline(DiffusionPipeline):
         return self._prompt_cache[prompt]
 
     def prepare_latents(self, c_img: torch.Tensor, noise: GeneratorNoise, *, start_point: str, noise_aug: int):
-        """Draw #1: x_T = randn (or, with start point `cond`, the condition latent noised to t = T-1);
-        draw #2 (noise_aug > 0): the condition latent noised to t = noise_aug, shared by cond and uncond
-        (PIPELINE.md 6.6, 6.7)."""
-        first = noise.randn(c_img.shape, c_img.device)
-        if start_point == "cond":
-            x_T = self.schedule.q_sample(c_img, self.schedule.num_timesteps - 1, first)
-        else:
-            x_T = first
-        if noise_aug > 0:
-            c_img = self.schedule.q_sample(c_img, int(noise_aug), noise.randn(c_img.shape, c_img.device))
-        return x_T, c_img
+        """Draw #1: x_T (`restorecli.diffusion.start.initial_latent`: randn, or with start point `cond`
+        the condition latent noised to t = T-1); draw #2 (noise_aug > 0): the condition latent noised to
+        t = noise_aug (`augment_condition`), shared by cond and uncond."""
+        x_T = initial_latent(c_img.shape, noise=noise, schedule=self.schedule, start_point=start_point,
+                             c_img=c_img, device=c_img.device)
+        return x_T, augment_condition(c_img, int(noise_aug), noise=noise, schedule=self.schedule)
 
     def guidance_target(self, cond_img: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """`2 * pad(stage1) - 1`, zero-padded bottom/right to 8 x the sampled latent's size: the v2-era
