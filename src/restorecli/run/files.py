@@ -85,7 +85,7 @@ class Restored:
 
 def read_input(path: str):
     """Step 1: the decoded image (`imageio.LoadedImage`); InputError for a bad file."""
-    from ..imageio import read_image
+    from ..images import read_image
 
     return read_image(path)
 
@@ -95,7 +95,7 @@ def run_model(pipe, image, opts: RestoreOptions, *, on_step=None, source: str | 
 
     With `--save-guidance-map`, `opts.extra["guidance_maps"]` maps each input to its map's path; the
     map comes back in the result for `write_output`."""
-    from ..imageio import from_float, resize_alpha, to_gray
+    from ..images import from_float, resize_alpha, to_gray
 
     map_path = opts.extra.get(GUIDANCE_MAPS, {}).get(source)
     out = pipe(image.rgb, output_type="pt", on_step=on_step, source=source, return_guidance_map=map_path is not None,
@@ -112,7 +112,7 @@ def run_model(pipe, image, opts: RestoreOptions, *, on_step=None, source: str | 
 
 def write_output(dest: str | BinaryIO, restored: Restored, *, fmt: str | None, quality: int, overwrite: bool) -> None:
     """Step 3: encode and write atomically (a path) or in one piece (a stream); OutputError on failure."""
-    from ..imageio import write_image
+    from ..images import write_image
 
     write_image(
         dest, restored.pixels, alpha=restored.alpha, fmt=fmt, quality=quality, icc_profile=restored.icc_profile,
@@ -142,7 +142,7 @@ def guidance_map_path(save_guidance_map: str, input_path: str, n_inputs: int) ->
 
 def write_guidance_map(path: str, weight: np.ndarray, *, overwrite: bool) -> None:
     """The region weight map (HxW in [0, 1]) as an 8-bit grayscale image (rounded), atomically."""
-    from ..imageio import write_image
+    from ..images import write_image
 
     gray = np.clip(np.rint(weight * 255.0), 0, 255).astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

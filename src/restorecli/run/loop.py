@@ -102,7 +102,7 @@ def discover(
     it (fnmatch, case-insensitive). `recursive` descends into subfolders (symlinked folders are not
     followed, so a link loop cannot trap the walk).
     """
-    from ..imageio import is_image_file
+    from ..images import is_image_file
 
     root = Path(directory)
     excluded = {os.path.realpath(p) for p in exclude}
@@ -267,7 +267,7 @@ def output_folders(entries: Iterable[Entry]) -> list[Path]:
 
 def remove_stale_temp_files(entries: Iterable[Entry]) -> list[Path]:
     """Delete the temp files a killed run left in the folders these jobs write into."""
-    from ..imageio import remove_stale_temp_files as remove_in
+    from ..images import remove_stale_temp_files as remove_in
 
     removed = []
     for folder in output_folders(entries):

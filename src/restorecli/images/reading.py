@@ -35,7 +35,7 @@ renames it into place; without `overwrite` the rename cannot clobber a file that
 Pillow cannot write 16-bit RGB at all, nor EXIF into a compressed TIFF, so PNG-16 and TIFF are
 written here (`_write_png16`, `_write_tiff`).
 
-The library never prints: warnings go to ``logging.getLogger("restorecli.imageio")``.
+The library never prints: warnings go to ``logging.getLogger("restorecli.images")``.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageCms, TiffImagePlugin, UnidentifiedImageError
 
-from .errors import InputError, OutputError
+from ..errors import InputError, OutputError
 
-logger = logging.getLogger("restorecli.imageio")
+logger = logging.getLogger("restorecli.images")
 
 STDIO = "-"
 Source = Union[str, os.PathLike, BinaryIO]

@@ -21,9 +21,9 @@ import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps
 
 from conftest import permissions_enforced
-from restorecli import imageio
+from restorecli.images import reading as imageio
 from restorecli.errors import InputError, OutputError
-from restorecli.imageio import (
+from restorecli.images import (
     encode_image,
     from_float,
     is_image_file,
@@ -345,7 +345,7 @@ def test_16bit_colour_survives_read_write_read_exactly(tmp_path, fmt, order, cha
 
 def test_16bit_written_as_8bit_where_the_format_needs_it(tmp_path, caplog):
     pixels = random_u16(4, 5, 3)
-    with caplog.at_level(logging.WARNING, logger="restorecli.imageio"):
+    with caplog.at_level(logging.WARNING, logger="restorecli.images"):
         write_image(tmp_path / "o.webp", pixels, quality=100)
         write_image(tmp_path / "o.jpg", pixels)
     assert sum("rounded to 8 bits" in r.getMessage() for r in caplog.records) == 2
@@ -415,7 +415,7 @@ def test_16bit_gray_with_a_gray_profile_matches_littlecms_at_every_8bit_level(tm
 def test_unreadable_profile_is_ignored_with_a_warning(tmp_path, caplog):
     rgb = random_u8(4, 4, 3)
     Image.fromarray(rgb).save(tmp_path / "bad.png", icc_profile=b"not a profile at all")
-    with caplog.at_level(logging.WARNING, logger="restorecli.imageio"):
+    with caplog.at_level(logging.WARNING, logger="restorecli.images"):
         loaded = read_image(tmp_path / "bad.png")
     assert np.array_equal(loaded.rgb, rgb) and loaded.output_icc_profile is None
     assert any("ICC profile" in r.getMessage() for r in caplog.records)
@@ -460,7 +460,7 @@ def test_multi_frame_file_gives_the_first_frame_and_a_warning(tmp_path, caplog, 
     frames = [Image.fromarray(np.full((4, 6, 3), value, np.uint8)) for value in (10, 128, 250)]
     path = tmp_path / f"anim.{fmt}"
     frames[0].save(path, save_all=True, append_images=frames[1:])
-    with caplog.at_level(logging.WARNING, logger="restorecli.imageio"):
+    with caplog.at_level(logging.WARNING, logger="restorecli.images"):
         loaded = read_image(path)
     assert loaded.n_frames == 3
     assert np.array_equal(loaded.rgb, official_reading(path))
@@ -612,7 +612,7 @@ def test_alpha_is_kept(tmp_path, fmt):
 
 
 def test_jpeg_drops_alpha_with_a_warning(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="restorecli.imageio"):
+    with caplog.at_level(logging.WARNING, logger="restorecli.images"):
         write_image(tmp_path / "a.jpg", random_u8(9, 8, 3), alpha=random_u8(9, 8))
     assert read_image(tmp_path / "a.jpg").alpha is None
     assert any("alpha" in r.getMessage() and "a.jpg" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,26 @@
+"""Reading and writing images of every mode: safely, atomically, with clear errors."""
+
+from .reading import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_QUALITY,
+    STDIO,
+    TEMP_FILE_GLOB,
+    TEMP_FILE_PATTERN,
+    TEMP_FILE_SUFFIX,
+    WRITE_FORMATS,
+    LoadedImage,
+    Source,
+    encode_image,
+    from_float,
+    is_image_file,
+    is_temp_file,
+    output_format,
+    probe,
+    read_image,
+    remove_stale_temp_files,
+    resize_alpha,
+    srgb_profile_bytes,
+    to_float,
+    to_gray,
+    write_image,
+)
