@@ -1,4 +1,4 @@
-"""imageio: every mode reads to the documented arrays, writes keep what the format can hold,
+"""restorecli.images: every mode reads to the documented arrays, writes keep what the format can hold,
 bad inputs give one clear InputError, and writes are all or nothing.
 
 Every fixture is made here with Pillow, numpy or a few lines of struct (16-bit PNG/TIFF and ICC
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps
 
 from conftest import permissions_enforced
-from restorecli.images import reading as imageio
+from restorecli import images
 from restorecli.errors import InputError, OutputError
 from restorecli.images import (
     encode_image,
@@ -34,6 +34,7 @@ from restorecli.images import (
     resize_alpha,
     to_float,
     write_image,
+    writing,
 )
 
 RNG = np.random.default_rng(1234)
@@ -54,13 +55,13 @@ def random_u16(*shape: int) -> np.ndarray:
 
 
 def official_reading(path: Path) -> np.ndarray:
-    """PIPELINE.md 2.1: PIL.Image.open(path).convert("RGB")."""
+    """DiffBIR diffbir/inference/loop.py, InferenceLoop.load_lq: PIL.Image.open(path).convert("RGB")."""
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
 
 def no_temp_files(folder: Path) -> bool:
-    return not [p for p in folder.iterdir() if p.name.endswith(imageio.TEMP_FILE_SUFFIX)]
+    return not [p for p in folder.iterdir() if p.name.endswith(images.TEMP_FILE_SUFFIX)]
 
 
 # --- fixture builders Pillow lacks ---------------------------------------------------------------
@@ -296,7 +297,7 @@ def test_cmyk_with_profile_is_converted_through_it(tmp_path, fmt):
     assert np.array_equal(loaded.rgb, expected)
     assert not np.array_equal(loaded.rgb, naive)
     assert loaded.icc_profile == profile
-    assert loaded.output_icc_profile == imageio.srgb_profile_bytes()
+    assert loaded.output_icc_profile == images.srgb_profile_bytes()
 
 
 # --- reading: 16 bits ------------------------------------------------------------------------------
@@ -372,7 +373,7 @@ def test_adobe_rgb_is_converted_to_srgb_and_the_output_says_so(tmp_path):
 
 
 def test_srgb_tagged_pixels_are_left_untouched(tmp_path):
-    srgb = imageio.srgb_profile_bytes()
+    srgb = images.srgb_profile_bytes()
     rgb = random_u8(6, 6, 3)
     Image.fromarray(rgb).save(tmp_path / "s.jpg", icc_profile=srgb, quality=100)
     loaded = read_image(tmp_path / "s.jpg")
@@ -386,7 +387,7 @@ def test_gray_with_a_gray_profile_is_converted(tmp_path):
     image.save(tmp_path / "g.png", icc_profile=profile)
     loaded = read_image(tmp_path / "g.png")
     assert np.array_equal(loaded.rgb, cms_to_srgb(image, profile))
-    assert loaded.output_icc_profile == imageio.srgb_profile_bytes()
+    assert loaded.output_icc_profile == images.srgb_profile_bytes()
 
 
 def test_16bit_with_a_profile_matches_littlecms_through_the_lookup_table(tmp_path):
@@ -699,13 +700,13 @@ def test_existing_file_is_kept_without_overwrite(tmp_path):
 
 def test_a_file_that_appears_while_encoding_is_never_replaced(tmp_path, monkeypatch):
     dest = tmp_path / "out.png"
-    original_encode = imageio._encode
+    original_encode = writing._encode
 
     def encode_while_someone_else_writes(fp, *args):
         dest.write_bytes(b"someone else's")
         original_encode(fp, *args)
 
-    monkeypatch.setattr(imageio, "_encode", encode_while_someone_else_writes)
+    monkeypatch.setattr(writing, "_encode", encode_while_someone_else_writes)
     with pytest.raises(OutputError, match="already exists"):
         write_image(dest, random_u8(4, 4, 3))
     assert dest.read_bytes() == b"someone else's"
@@ -730,7 +731,7 @@ def test_an_encoder_error_leaves_nothing_behind(tmp_path, monkeypatch, fmt):
         raise OSError("encoder error -2")  # what Pillow raises, without an errno
 
     monkeypatch.setattr(Image.Image, "save", broken)
-    monkeypatch.setattr(imageio, "_write_tiff", broken)
+    monkeypatch.setattr(writing, "write_tiff", broken)
     with pytest.raises(OutputError, match="could not encode"):
         write_image(tmp_path / f"x.{fmt}", random_u8(4, 4, 3))
     assert list(tmp_path.iterdir()) == []
@@ -750,7 +751,7 @@ def test_an_interrupt_while_encoding_leaves_nothing_behind(tmp_path, monkeypatch
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(imageio, "_encode", interrupted)
+    monkeypatch.setattr(writing, "_encode", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_image(tmp_path / "x.png", random_u8(4, 4, 3))
     assert list(tmp_path.iterdir()) == []
@@ -796,13 +797,13 @@ def test_temp_file_helpers(tmp_path):
 
 def test_temp_files_are_named_for_the_cleanup(tmp_path, monkeypatch):
     seen = []
-    original_encode = imageio._encode
+    original_encode = writing._encode
 
     def spy(fp, *args):
         seen.extend(p for p in tmp_path.iterdir())
         original_encode(fp, *args)
 
-    monkeypatch.setattr(imageio, "_encode", spy)
+    monkeypatch.setattr(writing, "_encode", spy)
     write_image(tmp_path / "x.png", random_u8(4, 4, 3))
     assert len(seen) == 1 and is_temp_file(seen[0]) and seen[0].name.startswith(".x.png.")
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
@@ -855,8 +856,8 @@ def test_gray_written_as_one_channel_lossless(tmp_path, ext, dtype):
     alpha = rng.integers(0, np.iinfo(dtype).max + 1, (23, 31), dtype=dtype)
     for a in (None, alpha):
         dest = tmp_path / f"g{'a' if a is not None else ''}.{ext}"
-        imageio.write_image(dest, gray, alpha=a)
-        back = imageio.read_image(dest)
+        images.write_image(dest, gray, alpha=a)
+        back = images.read_image(dest)
         # 16-bit gray+alpha TIFF is written as RGBA (Pillow cannot read the two-channel layout back)
         assert back.is_gray or (ext, dtype, a is not None) == ("tif", np.uint16, True)
         assert back.bit_depth == np.iinfo(dtype).bits
@@ -868,11 +869,11 @@ def test_gray_written_as_one_channel_lossless(tmp_path, ext, dtype):
 def test_non_contiguous_pixels_are_written(tmp_path):
     rgb16 = np.random.default_rng(3).integers(0, 65536, (3, 12, 9), dtype=np.uint16).transpose(1, 2, 0)
     assert not rgb16.flags.c_contiguous
-    imageio.write_image(tmp_path / "t.png", rgb16)
-    assert np.array_equal(imageio.read_image(tmp_path / "t.png").rgb, rgb16)
+    images.write_image(tmp_path / "t.png", rgb16)
+    assert np.array_equal(images.read_image(tmp_path / "t.png").rgb, rgb16)
 
 
 def test_to_gray_uses_pillow_luminance_weights():
     rgb = np.random.default_rng(4).integers(0, 256, (9, 11, 3), dtype=np.uint8)
     expected = np.asarray(Image.fromarray(rgb).convert("L")).astype(int)
-    assert np.abs(imageio.to_gray(rgb).astype(int) - expected).max() <= 1
+    assert np.abs(images.to_gray(rgb).astype(int) - expected).max() <= 1

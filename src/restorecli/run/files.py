@@ -84,7 +84,7 @@ class Restored:
 
 
 def read_input(path: str):
-    """Step 1: the decoded image (`imageio.LoadedImage`); InputError for a bad file."""
+    """Step 1: the decoded image (`images.LoadedImage`); InputError for a bad file."""
     from ..images import read_image
 
     return read_image(path)
