@@ -23,6 +23,7 @@ from PIL import Image, ImageCms, ImageFile, ImageOps
 from conftest import permissions_enforced
 from restorecli import images
 from restorecli.errors import InputError, OutputError
+from restorecli.images.formats import FORMAT_EXTENSIONS
 from restorecli.images import (
     encode_image,
     from_float,
@@ -36,6 +37,7 @@ from restorecli.images import (
     write_image,
     writing,
 )
+from restorecli.run.outputs import output_name
 
 RNG = np.random.default_rng(1234)
 
@@ -623,6 +625,21 @@ def test_jpeg_drops_alpha_with_a_warning(tmp_path, caplog):
 def test_extensions_are_case_insensitive(tmp_path, name, expected):
     write_image(tmp_path / name, random_u8(4, 4, 3))
     assert read_image(tmp_path / name).format == expected
+
+
+WRITTEN_AS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF"}
+
+
+@pytest.mark.parametrize(("fmt", "expected"), WRITTEN_AS.items())
+def test_output_planning_and_the_writer_agree_on_every_format(tmp_path, fmt, expected):
+    """Each `--format` value gets an extension the writer takes, and the file is that format."""
+    assert set(FORMAT_EXTENSIONS) == set(WRITTEN_AS)  # a new format comes with a row here
+    name = output_name("scan.gif", fmt=fmt)
+    write_image(tmp_path / name, random_u8(4, 4, 3))
+    assert read_image(tmp_path / name).format == expected
+    write_image(tmp_path / "x.out", random_u8(4, 4, 3), fmt=fmt)
+    assert read_image(tmp_path / "x.out").format == expected
+    (tmp_path / "x.out").unlink()
 
 
 def test_fmt_overrides_the_extension_and_unknown_extensions_are_refused(tmp_path):
