@@ -26,7 +26,6 @@ from .reasons import error_detail
 
 logger = logging.getLogger("restorecli.images")
 
-
 #: Temp files of unfinished writes: ``.<name>.<8 hex>.restoring.tmp`` beside the destination.
 TEMP_FILE_SUFFIX = ".restoring.tmp"
 TEMP_FILE_GLOB = ".*" + TEMP_FILE_SUFFIX

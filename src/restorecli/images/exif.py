@@ -17,7 +17,6 @@ from .reasons import error_detail
 
 logger = logging.getLogger("restorecli.images")
 
-
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the numpy view that shows the image upright (as ImageOps.exif_transpose).
 _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {

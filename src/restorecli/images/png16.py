@@ -13,7 +13,6 @@ from typing import BinaryIO
 
 import numpy as np
 
-
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IDAT_SIZE = 1 << 20
 

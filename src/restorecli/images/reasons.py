@@ -1,6 +1,6 @@
 """How this package words the detail of a failure, the part in parentheses after the reason.
 
-``cannot read (Input/output error)``, ``truncated or corrupt PNG data (image file is truncated)``.
+``could not encode PNG (encoder error -2)``, ``truncated or corrupt PNG data (image file is truncated)``.
 Unlike `errors.brief` it leaves out the exception's class name and keeps the text as the exception
 wrote it, cut at 120 characters.
 """

@@ -20,7 +20,6 @@ from .reasons import error_detail
 
 logger = logging.getLogger("restorecli.images")
 
-
 _STRIP_BYTES = 1 << 20
 
 
