@@ -156,7 +156,7 @@ def test_library_messages_name_settings_not_flags():
     offenders = []
     for name, path in MODULES.items():
         if name.startswith(("restorecli.cli", "restorecli.run", "restorecli.settings", "restorecli.images",
-                            "restorecli.imageio", "restorecli.weights")):
+                            "restorecli.weights")):
             continue
         for line, text in _message_strings(path):
             if flag.search(text):

@@ -27,7 +27,7 @@ from conftest import REFERENCE, permissions_enforced
 from restorecli.run import loop as batch
 from restorecli.run.loop import Job, discover, plan_batch, read_list, run_batch
 from restorecli.cli.app import main
-from restorecli.imageio import is_temp_file
+from restorecli.images import is_temp_file
 from restorecli.settings import RestoreSettings
 from restorecli.run.files import FileResult
 

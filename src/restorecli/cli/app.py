@@ -103,7 +103,7 @@ _mount_subcommands()
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: map library errors to one stderr line and an exit code."""
-    # Pillow's DecompressionBombWarning would print a stray line; imageio turns bombs into InputError.
+    # Pillow's DecompressionBombWarning would print a stray line; restorecli.images turns bombs into InputError.
     warnings.filterwarnings("ignore", message=".*decompression bomb", module="PIL")
     # spandrel's SwinIR calls torch.meshgrid without `indexing`; torch warns on every load.
     warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release")

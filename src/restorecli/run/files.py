@@ -57,8 +57,8 @@ class Restored:
 
 
 def read_input(path: str):
-    """Step 1: the decoded image (`imageio.LoadedImage`); InputError for a bad file."""
-    from ..imageio import read_image
+    """Step 1: the decoded image (`images.LoadedImage`); InputError for a bad file."""
+    from ..images import read_image
 
     return read_image(path)
 
@@ -67,7 +67,7 @@ def run_model(pipe, image, settings: RestoreSettings, *, on_step=None, source: s
               guidance_map: str | None = None) -> Restored:
     """Step 2: the pipeline on one decoded image (the only step that uses the device). With
     `guidance_map` (where `--save-guidance-map` writes this image's map) the map comes back too."""
-    from ..imageio import from_float, resize_alpha, to_gray
+    from ..images import from_float, resize_alpha, to_gray
 
     map_path = guidance_map
     out = pipe(image.rgb, settings, output_type="pt", on_step=on_step, source=source,
@@ -84,7 +84,7 @@ def run_model(pipe, image, settings: RestoreSettings, *, on_step=None, source: s
 
 def write_output(dest: str | BinaryIO, restored: Restored, *, fmt: str | None, quality: int, overwrite: bool) -> None:
     """Step 3: encode and write atomically (a path) or in one piece (a stream); OutputError on failure."""
-    from ..imageio import write_image
+    from ..images import write_image
 
     write_image(
         dest, restored.pixels, alpha=restored.alpha, fmt=fmt, quality=quality, icc_profile=restored.icc_profile,
@@ -110,7 +110,7 @@ def guidance_map_path(save_guidance_map: str, input_path: str, n_inputs: int) ->
 
 def write_guidance_map(path: str, weight: np.ndarray, *, overwrite: bool) -> None:
     """The region weight map (HxW in [0, 1]) as an 8-bit grayscale image (rounded), atomically."""
-    from ..imageio import write_image
+    from ..images import write_image
 
     gray = np.clip(np.rint(weight * 255.0), 0, 255).astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

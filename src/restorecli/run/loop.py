@@ -12,7 +12,7 @@ The library half of `restore batch DIR` (and of `restore a.png b.png -o out/`, w
   disk, so memory stays bounded). Results are reported in input order whatever finishes first.
 
 Nothing is lost: every output is written to a temp file beside it and renamed into place
-(`imageio.write_image`), so a kill at any moment leaves complete outputs plus temp files, which
+(`images.write_image`), so a kill at any moment leaves complete outputs plus temp files, which
 `remove_stale_temp_files` deletes when the next run starts. A bad file (unreadable, empty, truncated,
 not an image, a decompression bomb, gone since it was listed, out of memory even tiled) becomes one
 failed `FileResult` and the run goes on. Ctrl-C stops before the next image, lets the outputs already
@@ -102,7 +102,7 @@ def discover(
     it (fnmatch, case-insensitive). `recursive` descends into subfolders (symlinked folders are not
     followed, so a link loop cannot trap the walk).
     """
-    from ..imageio import is_image_file
+    from ..images import is_image_file
 
     root = Path(directory)
     excluded = {os.path.realpath(p) for p in exclude}
@@ -268,7 +268,7 @@ def output_folders(entries: Iterable[Entry]) -> list[Path]:
 
 def remove_stale_temp_files(entries: Iterable[Entry]) -> list[Path]:
     """Delete the temp files a killed run left in the folders these jobs write into."""
-    from ..imageio import remove_stale_temp_files as remove_in
+    from ..images import remove_stale_temp_files as remove_in
 
     removed = []
     for folder in output_folders(entries):

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError, UsageError
+from ..images.formats import FORMAT_EXTENSIONS, WRITABLE_EXTENSIONS
 
 STDIO = "-"
-WRITABLE_EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".tif": "tif", ".tiff": "tif"}
-FORMAT_EXTENSIONS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "tif": ".tif", "tiff": ".tif"}
 DEFAULT_SUFFIX = "_restored"
 
 
