@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -231,9 +230,22 @@ def test_first_load_hashes_each_checkpoint_once(reference_dir, tokenizer_dir, tm
             "name": name, "kind": "sd", "description": "tiny", "license": "MIT", "file": src.name,
             "url": f"https://example.invalid/{src.name}", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
         })  # fmt: skip
-    hashed = []
-    real = hashing.sha256_file
-    monkeypatch.setattr(hashing, "sha256_file", lambda p, cb=None: hashed.append(Path(p).name) or real(p, cb))
+    hashes = []  # every sha256 computed from here on, with the bytes it was fed by update()
+    real = hashlib.sha256
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self._h, self.fed = real(*args, **kwargs), 0
+            hashes.append(self)
+
+        def update(self, data):
+            self.fed += len(data)
+            self._h.update(data)
+
+        def __getattr__(self, name):
+            return getattr(self._h, name)
+
+    monkeypatch.setattr(hashlib, "sha256", Counting)
     previous = weights.set_registry(weights.Registry.from_dict({"file": pins}))
     try:
         sd = weights.resolve("sd", weights_dir=folder, download=False)
@@ -244,7 +256,7 @@ def test_first_load_hashes_each_checkpoint_once(reference_dir, tokenizer_dir, tm
     fresh = dataclasses.replace(desc, cldm=dataclasses.replace(desc.cldm, sd_checkpoint=sd, controlnet_checkpoint=cn))
     models = stage2.load_stage2(fresh, cache_dir=tmp_path / "converted")
     assert models.load_report["sd"]["from"] == "converted" and models.load_report["sd"]["cached"]
-    assert sorted(hashed) == sorted(src.name for src in sources.values())
+    assert sorted(h.fed for h in hashes if h.fed) == sorted(p["size"] for p in pins)  # each file once
     names = sorted(e.name for e in cv.iter_entries(tmp_path / "converted"))
     assert [n.split("-")[:2] for n in names] == [["controlnet", pins[1]["sha256"][:16]], ["sd", pins[0]["sha256"][:16]]]
 
