@@ -118,6 +118,8 @@ class DiffBIRPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->controlnet->unet->vae"
+    #: diffusers reads this to know the components (to(), components); None for a stage-1-only pipeline
+    _optional_components = ["unet", "controlnet", "vae", "text_encoder", "tokenizer"]
 
     def __init__(
         self,
