@@ -24,12 +24,13 @@ from PIL import Image
 
 import _fake_pipeline
 from conftest import REFERENCE, permissions_enforced
-from restorecli.run import loop as batch
-from restorecli.run.loop import Job, discover, plan_batch, read_list, run_batch
 from restorecli.cli.app import main
 from restorecli.imageio import is_temp_file
+from restorecli.run.discovery import Source, default_output_dir, discover, read_list
+from restorecli.run.loop import BatchEvents, run_batch
+from restorecli.run.plan import Job, plan_batch
+from restorecli.run.steps import FileResult
 from restorecli.settings.defaults import RestoreOptions
-from restorecli.run.files import FileResult
 
 FAKE_RESTORE = [sys.executable, str(Path(__file__).with_name("_fake_pipeline.py"))]
 RNG = np.random.default_rng(8)
@@ -131,15 +132,15 @@ def test_glob_matches_names_or_relative_paths_case_insensitively(tmp_path):
 
 
 def test_default_output_dir_is_beside_the_folder(tmp_path, monkeypatch):
-    assert batch.default_output_dir("scans/") == Path("scans_restored")
-    assert batch.default_output_dir(tmp_path / "a" / "scans") == tmp_path / "a" / "scans_restored"
+    assert default_output_dir("scans/") == Path("scans_restored")
+    assert default_output_dir(tmp_path / "a" / "scans") == tmp_path / "a" / "scans_restored"
     (tmp_path / "photos").mkdir()
     monkeypatch.chdir(tmp_path / "photos")
-    assert batch.default_output_dir(".") == tmp_path / "photos_restored"
+    assert default_output_dir(".") == tmp_path / "photos_restored"
 
 
 def test_plan_skips_existing_outputs_and_refuses_collisions(tmp_path):
-    sources = [batch.Source(str(tmp_path / n), Path(n)) for n in ["a.png", "a.gif", "b.png", "c.png"]]
+    sources = [Source(str(tmp_path / n), Path(n)) for n in ["a.png", "a.gif", "b.png", "c.png"]]
     out = tmp_path / "out"
     out.mkdir()
     (out / "b_restored.png").write_bytes(b"done before")
@@ -150,7 +151,7 @@ def test_plan_skips_existing_outputs_and_refuses_collisions(tmp_path):
     assert isinstance(entries[3], Job)
     assert isinstance(plan_batch(sources, out, fmt="png", overwrite=True)[2], Job)
     # an output that would be an input is refused, even with overwrite
-    same = plan_batch([batch.Source(str(tmp_path / "a.png"), Path("a.png"))], tmp_path, suffix="", overwrite=True)
+    same = plan_batch([Source(str(tmp_path / "a.png"), Path("a.png"))], tmp_path, suffix="", overwrite=True)
     assert same[0].status == "failed" and "is an input" in same[0].error
 
 
@@ -451,7 +452,7 @@ def test_overlap_gives_the_same_results_in_the_same_order(tmp_path):
         entries.insert(5, FileResult("skipped.png", "s.png", "skipped"))
         seen = []
 
-        class Events(batch.BatchEvents):
+        class Events(BatchEvents):
             def result(self, index, result):
                 seen.append((index, result.input, result.status))
 

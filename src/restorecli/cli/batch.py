@@ -1,4 +1,5 @@
-"""`restore batch DIR`: restore a folder of images. Parsing and printing only; `restorecli.run.loop` works."""
+"""`restore batch DIR`: restore a folder of images. Parsing and printing only; `restorecli.run` works
+(discovery: which files; plan: where each output goes; loop: the run)."""
 
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ def run_batch_command(
     overlap: bool = True,
     save_guidance_map: str | None = None,
 ) -> int:
-    from ..run import loop as batch
     from ..pipeline.loading import load_pipeline
+    from ..run import discovery, plan
+    from ..run.loop import BatchInterrupted, run_batch
 
     opts = opts.resolve()
     outdir = _output_dir(directory, output, from_list)
@@ -94,20 +96,20 @@ def run_batch_command(
     failures = []
     ignored: list[str] = []
     if from_list is not None:
-        sources = batch.listed_sources(batch.read_list(from_list), directory)
+        sources = discovery.listed_sources(discovery.read_list(from_list), directory)
         if pattern is not None:
-            sources = [s for s in sources if batch.matches_pattern(s.relative, pattern)]
+            sources = [s for s in sources if discovery.matches_pattern(s.relative, pattern)]
     else:
         same_folder = outdir.exists() and os.path.samefile(outdir, directory)
-        found = batch.discover(
+        found = discovery.discover(
             directory, recursive=recursive, pattern=pattern, exclude=[outdir],
             skip_suffix=suffix if same_folder and suffix else None,
         )
         sources, ignored, failures = found.sources, found.ignored, found.failures
-    entries = failures + batch.plan_batch(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
+    entries = failures + plan.plan_batch(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
     if save_guidance_map is not None:
         opts = _with_guidance_maps(opts, entries, outdir, Path(save_guidance_map))
-    jobs = sum(isinstance(e, batch.Job) for e in entries)
+    jobs = sum(isinstance(e, plan.Job) for e in entries)
     skipped = sum(getattr(e, "status", None) == "skipped" for e in entries)
     where = f"{directory} -> {outdir}" if directory is not None else f"-> {outdir}"
     others = f"; {_count(len(ignored), 'other file')} ignored" if ignored else ""
@@ -125,16 +127,16 @@ def run_batch_command(
         except OSError as e:
             raise SetupError(f"-o {outdir}: cannot create the folder ({e.strerror or e})") from None
     view = BatchView(out, entries, json_lines=json_lines)
-    with batch.output_folder_lock(outdir) if jobs else contextlib.nullcontext():
-        for path in batch.remove_stale_temp_files(entries):
+    with plan.output_folder_lock(outdir) if jobs else contextlib.nullcontext():
+        for path in plan.remove_stale_temp_files(entries):
             out.detail(f"removed an unfinished temp file of an earlier run: {path}")
         try:
             with view:
-                summary = batch.run_batch(
+                summary = run_batch(
                     entries, lambda: load_pipeline(opts), opts, overwrite=overwrite, fmt=fmt, quality=quality,
                     overlap=overlap, events=view,
                 )
-        except batch.BatchInterrupted as stop:
+        except BatchInterrupted as stop:
             summary = stop.summary
     view.print_summary(summary)
     if json_lines:
@@ -148,9 +150,9 @@ def _with_guidance_maps(opts: RestoreOptions, entries, outdir: Path, map_dir: Pa
     --overwrite); an image skipped because its output exists gets no map."""
     import dataclasses
 
-    from ..run.loop import Job
     from ..run.outputs import output_name
-    from ..run.files import GUIDANCE_MAPS
+    from ..run.plan import Job
+    from ..run.steps import GUIDANCE_MAPS
 
     if opts.stage1_only:
         raise UsageError("--save-guidance-map needs stage 2; it cannot be combined with --stage1-only")
@@ -169,7 +171,7 @@ def _with_guidance_maps(opts: RestoreOptions, entries, outdir: Path, map_dir: Pa
 
 
 def _output_dir(directory: str | None, output: str | None, from_list: str | None) -> Path:
-    from ..run.loop import default_output_dir
+    from ..run.discovery import default_output_dir
 
     if directory is None and from_list is None:
         raise UsageError("give a folder (`restore batch DIR`) or a list of files (`--from-list FILE`)")
@@ -195,7 +197,7 @@ class BatchView:
     line per failed file as it happens, JSON lines on stdout with --json, and the final summary."""
 
     def __init__(self, out: Output, entries, *, json_lines: bool):
-        from ..run.loop import Job
+        from ..run.plan import Job
 
         self.out = out
         self.json_lines = json_lines
