@@ -102,17 +102,21 @@ def run_batch_command(
     else:
         same_folder = outdir.exists() and os.path.samefile(outdir, directory)
         found = discovery.discover(
-            directory, recursive=recursive, pattern=pattern, exclude=[outdir],
+            directory, recursive=recursive, pattern=pattern,
+            exclude=[outdir] + ([save_guidance_map] if save_guidance_map is not None else []),
             skip_suffix=suffix if same_folder and suffix else None,
         )
         sources, ignored, failures = found.sources, found.ignored, found.failures
     entries = failures + plan.plan_batch(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
     if save_guidance_map is not None:
-        opts = _with_guidance_maps(opts, entries, outdir, Path(save_guidance_map))
+        opts, entries = _with_guidance_maps(opts, entries, outdir, Path(save_guidance_map))
     jobs = sum(isinstance(e, plan.Job) for e in entries)
     skipped = sum(getattr(e, "status", None) == "skipped" for e in entries)
     where = f"{directory} -> {outdir}" if directory is not None else f"-> {outdir}"
     others = f"; {_count(len(ignored), 'other file')} ignored" if ignored else ""
+    renamed = _renamed(entries, suffix, fmt)
+    if renamed:
+        others += f"; {len(renamed)} share a name with another, so their outputs carry the source extension"
     if entries:
         out.info(f"{_count(len(entries), 'image')} ({where}): {jobs} to restore, {skipped} already done{others}")
     else:
@@ -126,7 +130,7 @@ def run_batch_command(
             outdir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SetupError(f"-o {outdir}: cannot create the folder ({e.strerror or e})") from None
-    view = BatchView(out, entries, json_lines=json_lines)
+    view = BatchView(out, entries, json_lines=json_lines, renamed=renamed)
     with plan.output_folder_lock(outdir) if jobs else contextlib.nullcontext():
         for path in plan.remove_stale_temp_files(entries):
             out.detail(f"removed an unfinished temp file of an earlier run: {path}")
@@ -144,30 +148,29 @@ def run_batch_command(
     return summary.exit_code
 
 
-def _with_guidance_maps(opts: RestoreOptions, entries, outdir: Path, map_dir: Path) -> RestoreOptions:
-    """`--save-guidance-map DIR`: each image's map at DIR/<its output's subfolder>/<input stem>_guidance.png.
-    A map is written right after its image, by the same rules (never over an input; kept unless
-    --overwrite); an image skipped because its output exists gets no map."""
+def _with_guidance_maps(opts: RestoreOptions, entries, outdir: Path, map_dir: Path):
+    """`--save-guidance-map DIR`: each image's map at DIR/<its output's subfolder>/<name>_guidance.png, named
+    by the output-naming rule. A map is written right after its image, by the same rules (never over an
+    input; kept unless --overwrite); an image skipped because its output exists gets no map."""
     import dataclasses
 
-    from ..run.outputs import output_name
-    from ..run.plan import Job
+    from ..run.plan import plan_guidance_maps
     from ..run.steps import GUIDANCE_MAPS
 
     if opts.stage1_only:
         raise UsageError("--save-guidance-map needs stage 2; it cannot be combined with --stage1-only")
     if map_dir.exists() and not map_dir.is_dir():
         raise UsageError(f"--save-guidance-map {map_dir}: not a folder (`restore batch` writes one map per image)")
-    maps = {}
-    for job in entries:
-        if isinstance(job, Job):
-            sub = Path(os.path.relpath(Path(job.output).parent, outdir))
-            maps[job.input] = str(map_dir / sub / output_name(job.input, "_guidance", "png"))
-    inputs = {os.path.abspath(path) for path in maps}
-    clash = next((path for path in maps.values() if os.path.abspath(path) in inputs), None)
-    if clash is not None:
-        raise UsageError(f"--save-guidance-map {map_dir}: the map {clash} would overwrite an input; choose another folder")
-    return dataclasses.replace(opts, extra={**opts.extra, GUIDANCE_MAPS: maps})
+    entries, maps = plan_guidance_maps(entries, outdir, map_dir)
+    return dataclasses.replace(opts, extra={**opts.extra, GUIDANCE_MAPS: maps}), entries
+
+
+def _renamed(entries, suffix: str, fmt: str | None) -> list[tuple[str, str]]:
+    """(input, output) of the entries whose output the naming rule did not give the plain name."""
+    from ..run.outputs import output_name
+
+    return [(e.input, e.output) for e in entries if e.output is not None and getattr(e, "status", None) != "failed"
+            and Path(e.output).name != output_name(Path(e.input).name, suffix, fmt)]
 
 
 def _output_dir(directory: str | None, output: str | None, from_list: str | None) -> Path:
@@ -196,11 +199,12 @@ class BatchView:
     """Progress on stderr (a rich bar on a terminal, a plain line every 15 s otherwise), one `error:`
     line per failed file as it happens, JSON lines on stdout with --json, and the final summary."""
 
-    def __init__(self, out: Output, entries, *, json_lines: bool):
+    def __init__(self, out: Output, entries, *, json_lines: bool, renamed=()):
         from ..run.plan import Job
 
         self.out = out
         self.json_lines = json_lines
+        self.renamed = list(renamed)
         self.total = len(entries)
         self.jobs_left = sum(isinstance(e, Job) for e in entries)
         self.done = self.ok = self.skipped = self.failed = 0
@@ -304,6 +308,10 @@ class BatchView:
         if summary.ok and summary.seconds > 0:
             text += f" ({summary.ok / summary.seconds * 60:.1f} images/min)"
         self.out.info(text)
+        if self.renamed:
+            source, output = self.renamed[0]
+            self.out.info(f"{_count(len(self.renamed), 'output')} named with the source extension (several inputs share "
+                          f"the name), e.g. {source} -> {output}")
         if summary.failures:
             self.out.info("failed:")
             for failure in summary.failures:

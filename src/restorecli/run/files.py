@@ -12,30 +12,14 @@ import contextlib
 import dataclasses
 import os
 import sys
-from pathlib import Path
 
 from ..cli.terminal import Output
 from ..errors import RestoreError, UsageError
 from ..settings.defaults import RestoreOptions
 from .loop import run_batch
-from .outputs import STDIO, OutputPlan, check_output, format_of, is_directory_target, output_name, plan_outputs
-from .plan import Job
+from .outputs import STDIO, OutputPlan, check_output, is_directory_target
+from .plan import Job, file_guidance_maps, plan_outputs
 from .steps import GUIDANCE_MAPS, FileResult
-
-
-def guidance_map_path(save_guidance_map: str, input_path: str, n_inputs: int) -> str:
-    """Where `--save-guidance-map PATH` writes an input's map: PATH itself for one input; in a folder (an
-    existing one, or PATH ending in `/`) as `<stem>_guidance.png`, which several inputs need."""
-    if is_directory_target(save_guidance_map):
-        return str(Path(save_guidance_map) / output_name(input_path, "_guidance", "png"))
-    if n_inputs != 1:
-        raise UsageError(f"--save-guidance-map FILE takes one input, got {n_inputs}; use --save-guidance-map DIR/")
-    if format_of(save_guidance_map) is None:
-        raise UsageError(
-            f"cannot tell the image format of {save_guidance_map!r} from its extension; use .png/.jpg/.webp/.tif"
-        )
-    return save_guidance_map
-
 
 
 # -- `restore IMAGE...` ----------------------------------------------------------------------------
@@ -56,7 +40,7 @@ def restore_files(
     overlap: bool = True,
 ) -> int:
     """Returns the exit code: 0 all done, 1 some inputs failed. Usage/setup errors raise (exit 2);
-    Ctrl-C raises `batch.BatchInterrupted` after the outputs already computed are written."""
+    Ctrl-C raises `run.loop.BatchInterrupted` after the outputs already computed are written."""
     from ..pipeline.loading import load_pipeline
 
     opts = opts.resolve()
@@ -65,13 +49,20 @@ def restore_files(
     if json_lines and to_stdout:
         raise UsageError("--json writes JSON lines to stdout; it cannot be combined with -o -")
     make_folders = output is not None and output != STDIO and is_directory_target(output)
+    maps = {}
     if save_guidance_map is not None:
         if opts.stage1_only:
             raise UsageError("--save-guidance-map needs stage 2; it cannot be combined with --stage1-only")
-        maps = {p.input: guidance_map_path(save_guidance_map, p.input, len(plans)) for p in plans}
-        opts = dataclasses.replace(opts, extra={**opts.extra, GUIDANCE_MAPS: maps})
+        maps = file_guidance_maps(save_guidance_map, plans)
+        paths = {inp: m.output for inp, m in maps.items() if m.error is None}
+        opts = dataclasses.replace(opts, extra={**opts.extra, GUIDANCE_MAPS: paths})
     entries: list = []
     for plan in plans:
+        map_error = maps[plan.input].error if plan.input in maps else None
+        unnamed = plan.error or (map_error and f"guidance map {map_error}")
+        if unnamed is not None:
+            entries.append(FileResult(plan.input, plan.output, "failed", error=unnamed))
+            continue
         try:
             check_output(plan, overwrite=overwrite, all_inputs=inputs)
             _check_guidance_map(plan, opts, overwrite=overwrite, all_inputs=inputs)
