@@ -57,7 +57,8 @@ def make_photos(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
 
 
 def run_loop(pipe, opts, photos: list[Path], outdir: Path, overlap: bool) -> dict:
-    from restorecli.run.loop import Job, run_batch
+    from restorecli.run.loop import run_batch
+    from restorecli.run.plan import Job
 
     outdir.mkdir(parents=True, exist_ok=True)
     entries = [Job(str(p), str(outdir / f"{p.stem}_restored.png")) for p in photos]

@@ -15,9 +15,10 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import RestoreError, UsageError
-from ..run.files import FileResult, guidance_map_path
-from ..run.loop import Job, run_batch
-from ..run.outputs import STDIO, OutputPlan, check_output, is_directory_target, plan_outputs
+from ..run.loop import run_batch
+from ..run.outputs import STDIO, OutputPlan, check_output, is_directory_target
+from ..run.plan import Job, file_guidance_maps, plan_outputs
+from ..run.steps import FileResult
 from .options import RunRequest, restore_options
 from .terminal import QuietOpt, VerboseOpt, Output, use_verbosity
 
@@ -76,17 +77,23 @@ def restore_files(
     if json_lines and to_stdout:
         raise UsageError("--json writes JSON lines to stdout; it cannot be combined with -o -")
     make_folders = output is not None and output != STDIO and is_directory_target(output)
-    maps: dict[str, str] = {}
+    maps = {}
     if save_guidance_map is not None:
         if settings.stage1_only:
             raise UsageError("--save-guidance-map needs stage 2; it cannot be combined with --stage1-only")
-        maps = {p.input: guidance_map_path(save_guidance_map, p.input, len(plans)) for p in plans}
+        maps = file_guidance_maps(save_guidance_map, plans)
     entries: list = []
     for plan in plans:
+        map_error = maps[plan.input].error if plan.input in maps else None
+        unnamed = plan.error or (map_error and f"guidance map {map_error}")
+        if unnamed is not None:
+            entries.append(FileResult(plan.input, plan.output, "failed", error=unnamed))
+            continue
+        map_path = maps[plan.input].output if plan.input in maps else None
         try:
             check_output(plan, overwrite=overwrite, all_inputs=inputs)
-            _check_guidance_map(plan, maps.get(plan.input), overwrite=overwrite, all_inputs=inputs)
-            entries.append(Job(plan.input, plan.output, make_folders=make_folders, guidance_map=maps.get(plan.input)))
+            _check_guidance_map(plan, map_path, overwrite=overwrite, all_inputs=inputs)
+            entries.append(Job(plan.input, plan.output, make_folders=make_folders, guidance_map=map_path))
         except RestoreError as exc:
             entries.append(FileResult(plan.input, plan.output, "failed", error=str(exc)))
 

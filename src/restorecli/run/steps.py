@@ -1,4 +1,11 @@
-"""The three steps of one file, below the batch loop: read -> restore on the device -> write."""
+"""The three steps of restoring one file: read (decode), run the model, write (encode, atomically).
+
+`run.loop` chains them for every file of a run (reads and writes on a small thread pool, the model in
+the calling thread); they know nothing of folders, naming or reporting. `FileResult` is what a file's
+run comes to (ok, skipped, failed with a one-line reason); `Restored` is the model's result for one
+image with what its output keeps (alpha, ICC profile, EXIF) and, with `--save-guidance-map`, the
+region weight map of restoration guidance (DiffBIR utils/cond_fn.py) to write beside it.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import UsageError
 from ..settings import RestoreSettings
-from .outputs import format_of, is_directory_target, output_name
 
 
 @dataclass
@@ -94,20 +99,6 @@ def write_output(dest: str | BinaryIO, restored: Restored, *, fmt: str | None, q
         write_guidance_map(restored.guidance_map_path, restored.guidance_map, overwrite=overwrite)
 
 
-def guidance_map_path(save_guidance_map: str, input_path: str, n_inputs: int) -> str:
-    """Where `--save-guidance-map PATH` writes an input's map: PATH itself for one input; in a folder (an
-    existing one, or PATH ending in `/`) as `<stem>_guidance.png`, which several inputs need."""
-    if is_directory_target(save_guidance_map):
-        return str(Path(save_guidance_map) / output_name(input_path, "_guidance", "png"))
-    if n_inputs != 1:
-        raise UsageError(f"--save-guidance-map FILE takes one input, got {n_inputs}; use --save-guidance-map DIR/")
-    if format_of(save_guidance_map) is None:
-        raise UsageError(
-            f"cannot tell the image format of {save_guidance_map!r} from its extension; use .png/.jpg/.webp/.tif"
-        )
-    return save_guidance_map
-
-
 def write_guidance_map(path: str, weight: np.ndarray, *, overwrite: bool) -> None:
     """The region weight map (HxW in [0, 1]) as an 8-bit grayscale image (rounded), atomically."""
     from ..images import write_image
@@ -115,5 +106,3 @@ def write_guidance_map(path: str, weight: np.ndarray, *, overwrite: bool) -> Non
     gray = np.clip(np.rint(weight * 255.0), 0, 255).astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_image(path, gray, overwrite=overwrite)
-
-
