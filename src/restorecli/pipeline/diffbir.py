@@ -481,7 +481,8 @@ class DiffBIRPipeline(DiffusionPipeline):
         return padded.to(self.execution_device) * 2 - 1
 
     def prepare_guidance(self, inputs: StageTwoInputs, x_T: torch.Tensor, noise: GeneratorNoise,
-                         settings: GuidanceSettings, posterior_noise: GeneratorNoise | None = None) -> RestorationGuidance:
+                         settings: GuidanceSettings,
+                         posterior_noise: GeneratorNoise | None = None) -> RestorationGuidance:
         """The x0 hook that applies restoration guidance (`restorecli.diffusion.guidance`).
 
         `noise` is the image's generator (the spaced sampler draws the target's posterior samples from
