@@ -9,7 +9,7 @@ At the first model evaluation of every solver step whose ``t_now = model_t + 1``
 ``(stop, start)``, ``repeat`` times::
 
     latent space  tgt = scale_factor * (mu + std * z)   posterior SAMPLE of the target, z ~ N(0, I)
-                  pred = x0                            (one draw per repeat from the image's generator)
+                  pred = x0                            (one draw per repeat; which stream: see below)
     rgb space     tgt = target;  pred = D(x0 / scale_factor), with autograd through the VAE decoder
     L  = sum_batch mean_{C,H,W}( W * (pred - tgt)^2 )   W = 1 (mse) or the region weight map (w_mse)
     g  = -dL/dpred * scale * 3000
@@ -43,8 +43,18 @@ edm_*         1 - sigma_next / sigma     the step's denoised D is shifted by dx0
                                          D in their history.
 ============  =========================  ==========================================================
 
-(dx0 = g / c.) Latent space draws its posterior samples when the hook runs: before the step's own
-draw for spaced / ddim, after the churn draw that edm_euler / heun / dpm_2 make at the top of a step.
+(dx0 = g / c.)
+
+Where the posterior samples come from (latent space; rgb space draws nothing). ``spaced``: from the
+image's generator when the hook runs, before the step's own draw: the v2-era order its golden runs fix.
+Every other sampler (upstream never guided them, so the behaviour is ours to define): from a SEPARATE
+stream, ``GeneratorNoise.derived("guidance")`` (a second CPU generator seeded from ``--seed`` by
+:func:`restorecli.diffusion.noise.derived_seed`), so the sampler's own fresh noise is the same at every
+scale: a scale s > 0 differs from 0 only by the pull toward the stage-1 image, and that pull (target
+noise included) is proportional to s, so ``--guidance 0`` is the limit of small scales instead of a jump
+to a new noise realisation. The samples are kept rather than replaced by the posterior mode: the loss
+then stays the v2-era one on every sampler, and on a VAE whose posterior is not narrow (the tiny test
+VAEs) the mode would be a different target, which nothing here could show harmless for every checkpoint.
 
 Beyond upstream (which only had the spaced sampler, eps models, no tiling; DESIGN.md "match or fix"):
 
@@ -72,12 +82,13 @@ import torch.nn.functional as F
 from ..settings.choices import GUIDANCE_LOSSES, GUIDANCE_SPACES
 from ..settings.tree import GuidanceSettings
 from .hooks import X0HookContext
-from .noise import NoiseSource
+from .noise import GUIDANCE_STREAM, GeneratorNoise, NoiseSource
 
 __all__ = [
     "GUIDANCE_LOSSES",
     "GUIDANCE_SPACES",
     "GRADIENT_SCALE",
+    "V2_DRAW_ORDER",
     "GuidanceSettings",
     "RestorationGuidance",
     "weight_map",
@@ -99,6 +110,9 @@ SOBEL_Y = ((1.0, 2.0, 1.0), (0.0, 0.0, 0.0), (-1.0, -2.0, -1.0))
 BLOCK = 2
 #: Pixels per latent pixel of the SD VAE (the latent-space weight map is pooled by this).
 VAE_SCALE = 8
+#: Sampler families whose guided runs keep the v2-era draw order (posterior samples from the image's
+#: generator, interleaved with the sampler's draws): only the one upstream guided, pinned by golden runs.
+V2_DRAW_ORDER = frozenset({"spaced"})
 
 
 
@@ -179,8 +193,11 @@ class RestorationGuidance:
     ``target``: (N, 3, H, W) in [-1, 1], the stage-1 image zero-padded exactly like the stage-2 input, so
     that H, W = 8 x the latent's (``2 * pad(stage1) - 1``). ``vae``: the pipeline's ``AutoencoderKL``
     (rgb space decodes through it with autograd; latent space encodes the target once). ``noise``: the
-    image's noise source (latent space draws one posterior sample per repeat from it, at the moment the
-    hook runs: before the spaced / DDIM step's own draw). ``checkpoint``: rgb space only, recompute the
+    image's noise source; latent space draws one posterior sample per repeat from it on the ``spaced``
+    sampler, when the hook runs (before the step's own draw, the v2-era order). ``posterior_noise``: the
+    separate stream every other sampler's posterior samples come from (module doc); by default
+    ``noise.derived()`` when ``noise`` is a :class:`GeneratorNoise` (another latent-space NoiseSource must
+    pass it). ``checkpoint``: rgb space only, recompute the
     decoder's up blocks in the backward pass instead of storing their activations (diffusers' gradient
     checkpointing): same numbers, less memory, about one more decoder forward per guidance iteration.
     ``encode``: latent space only, ``target -> posterior moments (mean, logvar)`` used instead of
@@ -197,6 +214,7 @@ class RestorationGuidance:
         vae,
         latent_scale_factor: float,
         noise: NoiseSource,
+        posterior_noise: NoiseSource | None = None,
         checkpoint: bool = False,
         encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
@@ -208,6 +226,12 @@ class RestorationGuidance:
         self.vae = vae
         self.latent_scale_factor = float(latent_scale_factor)
         self.noise = noise
+        if posterior_noise is None and isinstance(noise, GeneratorNoise):
+            posterior_noise = noise.derived(GUIDANCE_STREAM)
+        if posterior_noise is None and settings.space == "latent":
+            raise ValueError("latent-space guidance needs `posterior_noise` (a stream separate from the sampler's) "
+                             "unless `noise` is a GeneratorNoise, which derives one")
+        self.posterior_noise = posterior_noise
         self.checkpoint = bool(checkpoint)
         self.encode = encode
         self.target = target.float()
@@ -239,14 +263,20 @@ class RestorationGuidance:
             self._posterior = (dist.mean.float(), dist.std.float())
         return self._posterior
 
-    def latent_target(self) -> torch.Tensor:
+    def noise_for(self, family: str) -> NoiseSource:
+        """The stream a sampler family's posterior samples come from: the image's for ``spaced`` (the
+        v2-era draw order), the separate ``posterior_noise`` for every other family."""
+        return self.noise if family in V2_DRAW_ORDER else self.posterior_noise
+
+    def latent_target(self, noise: NoiseSource | None = None) -> torch.Tensor:
         """A posterior SAMPLE of the target latent, scaled: ``(mean + std * z) * scale_factor``.
 
-        ``ControlLDM.vae_encode(target, sample=True)`` of the v2-era code; z is one draw of the image's
-        generator (reference README, randomness contract item 4).
+        ``ControlLDM.vae_encode(target, sample=True)`` of the v2-era code; z is one draw of ``noise``
+        (default: the image's generator, as v2: reference README, randomness contract item 4).
         """
         mean, std = self.posterior()
-        return (mean + std * self.noise(mean)) * self.latent_scale_factor
+        source = self.noise if noise is None else noise
+        return (mean + std * source(mean)) * self.latent_scale_factor
 
     def decode_with_grad(self, x0: torch.Tensor) -> torch.Tensor:
         """``vae.decode(x0 / scale_factor)`` keeping the graph back to x0 (``ControlLDM.vae_decode``
@@ -266,12 +296,13 @@ class RestorationGuidance:
 
     # -- one guidance iteration ---------------------------------------------------------------------
 
-    def step(self, x0: torch.Tensor, coefficient: float) -> torch.Tensor:
-        """One iteration: x0 + (g, taken to the latent) / coefficient."""
+    def step(self, x0: torch.Tensor, coefficient: float, noise: NoiseSource | None = None) -> torch.Tensor:
+        """One iteration: x0 + (g, taken to the latent) / coefficient. ``noise``: where latent space draws
+        the target's posterior sample (default: the image's generator)."""
         s = self.settings
         rescale = torch.reciprocal(torch.tensor(coefficient, dtype=torch.float32))  # 1 / coef1, in float32 as upstream
         if s.space == "latent":
-            target = self.latent_target().to(x0.device)
+            target = self.latent_target(noise).to(x0.device)
             g, loss = guidance_gradient(x0.float(), target, _to(self.loss_weight("latent"), x0), s.scale)
             delta = g
         else:
@@ -299,9 +330,9 @@ class RestorationGuidance:
         if not (math.isfinite(c) and c > 0):
             log.debug("guidance skipped at %s step %d: x0 weight %s", ctx.family, ctx.step, c)
             return x0
-        guided = x0
+        guided, noise = x0, self.noise_for(ctx.family)
         for _ in range(int(s.repeat)):
-            guided = self.step(guided, c)
+            guided = self.step(guided, c, noise)
         self._shift = ((ctx.family, ctx.step), guided - x0)
         log.debug("guidance %s step %d/%d (t=%s): loss %.6f", ctx.family, ctx.step + 1, ctx.total, ctx.model_t,
                   self.losses[-1])

@@ -43,7 +43,7 @@ from diffusers.utils import BaseOutput
 from .colorfix import color_fix as apply_color_fix
 from ..diffusion.conditioning import ControlCondition, ControlledModel
 from ..diffusion.guidance import RestorationGuidance, weight_map
-from ..diffusion.noise import GeneratorNoise
+from ..diffusion.noise import GUIDANCE_STREAM, GeneratorNoise
 from ..diffusion.sampling import sample
 from ..diffusion.schedules import NoiseSchedule
 from ..diffusion.start import augment_condition, initial_latent
@@ -498,8 +498,13 @@ class DiffBIRPipeline(DiffusionPipeline):
         return padded.to(self.execution_device) * 2 - 1
 
     def prepare_guidance(self, inputs: StageTwoInputs, x_T: torch.Tensor, noise: GeneratorNoise,
-                         settings: GuidanceSettings) -> RestorationGuidance:
+                         settings: GuidanceSettings,
+                         posterior_noise: GeneratorNoise | None = None) -> RestorationGuidance:
         """The x0 hook that applies restoration guidance (`restorecli.diffusion.guidance`).
+
+        `noise` is the image's generator (the spaced sampler draws the target's posterior samples from
+        it, in the v2-era order); `posterior_noise` the separate stream every other sampler draws them
+        from (default `noise.derived()`), so their own noise is the same at every guidance scale.
 
         With tiled sampling the hook still sees the whole latent's x0 (after the tiles' blending), so
         the weight map and the loss are the whole image's. rgb space then back-propagates through the
@@ -519,7 +524,9 @@ class DiffBIRPipeline(DiffusionPipeline):
 
         return RestorationGuidance(
             settings, self.guidance_target(inputs.cond_img, x_T), vae=self.vae,
-            latent_scale_factor=self.latent_scale_factor, noise=noise, checkpoint=inputs.tile is not None,
+            latent_scale_factor=self.latent_scale_factor, noise=noise,
+            posterior_noise=posterior_noise if posterior_noise is not None else noise.derived(GUIDANCE_STREAM),
+            checkpoint=inputs.tile is not None,
             encode=encode,
         )
 
@@ -547,15 +554,18 @@ class DiffBIRPipeline(DiffusionPipeline):
     def denoise_image(self, x_T, cond, uncond, inputs: StageTwoInputs, *, sampling: SamplerSettings, noise,
                       guidance: GuidanceSettings, on_step=None, source=None):
         """`denoise` with restoration guidance (built per attempt) and the out-of-memory retry: a second
-        attempt uses half the tiles and starts from the same generator state, so it draws the same noise.
-        Returns (z, the guidance hook or None)."""
+        attempt uses half the tiles and starts from the same state of both streams (the image's generator
+        is reset; guidance's separate posterior stream is derived afresh from the seed), so it draws the
+        same noise. Returns (z, the guidance hook or None)."""
         state, draws = noise.generator.get_state(), noise.draws
         hooks: list[RestorationGuidance | None] = []
 
         def attempt(tile):
             noise.generator.set_state(state)
             noise.draws = draws
-            guide = self.prepare_guidance(inputs, x_T, noise, guidance) if guidance.enabled else None
+            guide = None
+            if guidance.enabled:
+                guide = self.prepare_guidance(inputs, x_T, noise, guidance, noise.derived(GUIDANCE_STREAM))
             hooks.append(guide)
             return self.denoise(x_T, cond, uncond, sampling=sampling, noise=noise, tile=tile, on_step=on_step,
                                 x0_hook=guide,
