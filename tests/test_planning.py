@@ -36,6 +36,16 @@ SD21 = full_size_configs()
 SD_UNET, SD_VAE = SD21.unet, SD21.vae
 
 
+@pytest.fixture(scope="module")
+def tiny(reference_dir):
+    """The reference model's (model_v.json) diffusers configs: its VAE has 32 channels at every level, so
+    a 2048^2 feature map is 512 MiB in float32."""
+    from restorecli.models import configs as cfgs
+    from restorecli.models.description import load_model_description
+
+    return cfgs.stage2_configs(load_model_description(reference_dir / "model_v.json").cldm)
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -46,10 +56,13 @@ def plan(h, w, budget, **kw):
 # -- the planner ---------------------------------------------------------------------------------------
 
 
-def test_sd21_sampling_estimate_is_the_measured_one():
-    """Measured one-call peaks at 64^2, 96^2, 128^2 latents (planning docstring), within 5%."""
+def test_sd21_sampling_estimate_is_the_measured_one(tiny):
+    """Measured one-call peaks at 64^2, 96^2, 128^2 latents (docs/memory.md), within 5%; the tiny reference
+    UNet (attention at the full latent resolution: its feed-forward, not its skips, dominates) measured
+    3.8 KB per latent pixel at 128^2."""
     for side, measured in ((64, 192e6), (96, 404e6), (128, 708e6)):
         assert abs(sampling_peak_bytes(SD_UNET, side, side) / measured - 1) < 0.05
+    assert abs(sampling_peak_bytes(tiny.unet, 128, 128) / (3812 * 128**2) - 1) < 0.1
     assert sampling_peak_bytes(SD_UNET, 64, 64, batch=2) > sampling_peak_bytes(SD_UNET, 64, 64)
     assert sampling_peak_bytes(SD_UNET, 64, 64, dtype=torch.float16) < sampling_peak_bytes(SD_UNET, 64, 64)
 
@@ -77,10 +90,69 @@ def test_a_small_budget_tiles_the_vae_and_then_sampling():
     size, stride = p.sample_tile
     assert size % 8 == 0 and stride == size // 2 and MIN_SAMPLE_TILE <= size <= 256
     assert p.estimates["sampling"] <= (600 << 20) < p.untiled["sampling"]
-    buffers = p.estimates["sampling"] - sampling_peak_bytes(SD_UNET, size, size)
-    room = (600 << 20) - planning.IMAGE_BYTES_PER_PIXEL * 2048 * 2048
-    assert sampling_peak_bytes(SD_UNET, size + 8, size + 8) + buffers > room  # the largest that fits
+    # the largest that fits: 8 latent pixels more would not
+    grown = p.estimates["sampling"] - sampling_peak_bytes(SD_UNET, size, size) + sampling_peak_bytes(SD_UNET, size + 8, size + 8)
+    assert grown > 600 << 20
     assert "tiles of" in p.describe()
+
+
+@pytest.mark.parametrize("side", [512, 2048, 4096])
+def test_the_plan_keeps_a_1gb_cap_at_any_size(tiny, side):
+    """--max-memory 1GB with the tiny reference model, x4 from (side/4)^2: every stage, stage 1 and the
+    image buffers included, is planned within the budget (SAFETY of the cap). At 2048^2 one of its
+    feature maps is 512 MiB; at 4096^2 2 GiB: the VAE keeps what does not fit on disk."""
+    budget = int(planning.SAFETY * GiB)
+    first = planning.stage1_floor("swinir", "swinir", (side // 4, side // 4), 4)
+    p = plan_stage2(side, side, vae_config=tiny.vae, unet_config=tiny.unet, budget=budget, stage1=first)
+    assert p.fits and not p.over_budget(), p.describe()
+    assert set(p.estimates) >= set(planning.STAGES)
+    for name in planning.STAGES:
+        assert 0 < p.estimates[name] <= budget, (name, p.describe())
+    if side >= 2048:
+        assert p.encode.tile and p.decode.tile and p.post_rows  # exact tiles and bands, no seams
+    if side == 4096:
+        for vae in (p.encode, p.decode):
+            assert vae.max_stored is not None and vae.max_stored < 2 * GiB < vae.spill  # the maps are on disk
+            stored = planning.vae_estimate(tiny.vae, side, side, vae.tile, part="encode" if vae is p.encode else "decode",
+                                           max_stored=vae.max_stored).stored
+            assert stored <= vae.max_stored
+
+
+def test_an_impossible_budget_names_the_smallest_that_works(tiny):
+    budget = int(planning.SAFETY * GiB)
+    p = plan_stage2(8192, 8192, vae_config=tiny.vae, unet_config=tiny.unet, budget=budget)
+    assert not p.fits and p.over_budget()
+    smallest = planning.smallest_budget(p.needed)
+    assert planning.SAFETY * smallest >= p.needed > budget
+    again = plan_stage2(8192, 8192, vae_config=tiny.vae, unet_config=tiny.unet, budget=int(planning.SAFETY * smallest))
+    assert again.fits, again.describe()
+    assert planning.format_size(smallest) == f"{smallest / GiB:.1f}GB"
+    assert planning.format_size(48 << 20) == "48MB"
+
+
+def test_the_colour_fix_runs_in_bands_when_the_whole_image_does_not_fit():
+    assert planning.post_rows_for(512, 512, 1 << 40) is None
+    rows = planning.post_rows_for(4096, 4096, 600 << 20)
+    assert rows in planning.POST_BANDS and planning.post_peak_bytes(4096, 4096, rows) <= 600 << 20
+    assert planning.post_peak_bytes(4096, 4096, rows * 2) > 600 << 20 or rows == planning.POST_BANDS[0]
+
+
+@pytest.mark.parametrize("kind", ["wavelet", "adain", "none"])
+def test_the_colour_fix_in_bands_is_the_whole_image_fix(kind):
+    """Bands of 1, 7 and 40 rows (below, at and above the wavelet's 31-row halo) give the whole-image fix:
+    wavelet and none bit for bit, adain (float64 statistics over the bands) within float rounding."""
+    from restorecli.pipeline.colorfix import color_fix, color_fix_in_bands
+
+    g = torch.Generator().manual_seed(0)
+    decoded = torch.randn(1, 3, 100, 37, generator=g) * 1.2
+    style = torch.rand(1, 3, 100, 37, generator=g)
+    whole = color_fix(kind, (decoded + 1) / 2, style)
+    for rows in (1, 7, 40, 100):
+        banded = color_fix_in_bands(kind, decoded.clone(), style, rows)
+        if kind == "adain":
+            assert_close_rel(banded, whole, 1e-6, what=f"adain in bands of {rows}")
+        else:
+            assert torch.equal(banded, whole), (kind, rows)
 
 
 def test_explicit_tiles_win():
@@ -190,13 +262,38 @@ def _force_tiles(monkeypatch, **tiles):
 
 
 @pytest.mark.slow
-def test_tiled_vae_in_the_pipeline_gives_the_untiled_image(pipe, photo, reference, monkeypatch):
+def test_tiled_vae_in_the_pipeline_gives_the_untiled_image(pipe, photo, reference, monkeypatch, tmp_path):
+    """Exact VAE tiles (the encoder's paused tiles all on disk) and the colour fix in bands: the
+    untiled image within rounding, and no temporary file left."""
     from restorecli.pipeline.planning import VaeChoice
 
-    _force_tiles(monkeypatch, encode=VaeChoice(128), decode=VaeChoice(16, recompute=True))
+    _force_tiles(monkeypatch, encode=VaeChoice(128, max_stored=0, spill=1), decode=VaeChoice(16, recompute=True),
+                 post_rows=48)
+    monkeypatch.setattr(pipe, "spill_dir", str(tmp_path))
     out = pipe(photo, **CALL)
-    assert (out.plan.encode_tile, out.plan.decode_tile) == (128, 16)
+    assert (out.plan.encode_tile, out.plan.decode_tile, out.plan.post_rows) == (128, 16, 48)
     assert_close_rel(out.images, reference, 1e-4, what="tiled VAE vs untiled")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_image_that_cannot_fit_is_refused_before_any_work(pipe, monkeypatch):
+    """x16 of 512^2 under --max-memory 1GB: one InputError naming the file and the smallest budget, raised
+    by the check before stage 1; that budget then plans within itself."""
+    import re
+
+    monkeypatch.setattr(pipe, "run_stage1", lambda *a, **k: pytest.fail("stage 1 ran"))
+    with pytest.raises(InputError) as e:
+        pipe(np.zeros((512, 512, 3), np.uint8), upscale=16, max_memory=GiB, source="big.png", steps=1)
+    message = str(e.value)
+    assert "\n" not in message
+    found = re.fullmatch(r"big\.png: cannot be restored within --max-memory 1\.0GB: (.+) needs about ([\d.]+GB) even with "
+                         r"the leanest tiles \(a 8192x8192 stage-2 image\); the smallest budget that works is "
+                         r"--max-memory ([\d.]+)GB", message)
+    assert found, message
+    smallest = int(float(found.group(3)) * GiB)
+    plan = pipe.check_memory((512, 512), upscale=16, max_memory=smallest, source="big.png")
+    assert plan.fits and plan.needed <= planning.SAFETY * smallest
+    assert pipe.check_memory((512, 512), upscale=16, max_memory=None) is None  # no cap: only the free memory tiles
 
 
 @pytest.mark.slow
@@ -370,15 +467,33 @@ def test_max_memory_reaches_the_pipeline(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_max_memory_end_to_end_tiles_and_says_so(reference_dir, tmp_path, monkeypatch, capsys):
-    """A real run through the CLI with a tiny budget: stage 1, the VAE and sampling all tile, the
-    automatic sampling tiles are announced on stderr, and the image is written."""
+    """A real run through the CLI with the smallest budget that fits: stage 1, the VAE and the colour fix
+    tile (the plan says so with -v), and the image is written."""
+    from restorecli.cli.app import main
+
+    monkeypatch.chdir(reference_dir)
+    out = tmp_path / "out.png"
+    code = main(["-v", "inputs/blur_45x45.png", "-o", str(out), "--model", "model_v.json", "--upscale", "1", "--steps", "1",
+                 "--cfg", "1", "--device", "cpu", "--max-memory", "48MB"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 0, err
+    assert "stage 1: 512x512 does not fit" in err and "encode tiles of" in err and "decode tiles of" in err
+    assert "colour fix in bands of" in err
+    assert Image.open(out).size == (45, 45)
+
+
+def test_max_memory_too_small_is_one_line_and_exit_1(reference_dir, tmp_path, monkeypatch, capsys):
+    """--max-memory below what even the leanest plan needs: `error: FILE: ...` with the smallest budget,
+    exit 1, nothing written, refused before the image is worked on."""
     from restorecli.cli.app import main
 
     monkeypatch.chdir(reference_dir)
     out = tmp_path / "out.png"
     code = main(["inputs/blur_45x45.png", "-o", str(out), "--model", "model_v.json", "--upscale", "1", "--steps", "1",
-                 "--cfg", "1", "--device", "cpu", "--max-memory", "16MB"])
-    err = capsys.readouterr().err
-    assert code == 0, err
-    assert "sampling 512x512 in tiles of" in " ".join(err.split())
-    assert Image.open(out).size == (45, 45)
+                 "--device", "cpu", "--max-memory", "16MB"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and not out.exists()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("error: inputs/blur_45x45.png: cannot be restored within --max-memory 16MB: ")
+    assert errors[0].endswith("the smallest budget that works is --max-memory 48MB")  # 26 MiB / SAFETY, rounded up

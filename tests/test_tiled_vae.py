@@ -4,6 +4,7 @@ wide and tall, odd sizes), while diffusers' enable_tiling does not."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -11,12 +12,14 @@ from torch import nn
 
 from conftest import assert_close_rel
 from restorecli.vae.tiled import (
+    SpillError,
     UnsupportedVAEError,
     _compile_decoder,
     _infer_shapes,
     _Moments,
     _plan_grids,
     _simulate,
+    estimate,
     estimate_peak_bytes,
     posterior_mode,
     tiled_decode,
@@ -262,7 +265,7 @@ def test_stored_maps_are_freed_and_estimated():
     tiled_decode(vae, z, tile_size=3, info=info)
     prog = _compile_decoder(vae, False)
     shapes = _infer_shapes(prog, (4, 25, 41))
-    predicted = _simulate(prog, shapes, _plan_grids(shapes, 24), 4, 1, offload=False)[1]
+    predicted = _simulate(prog, shapes, _plan_grids(shapes, 24), 4, 1, offload=False).stored
     largest = max(c * h * w for c, h, w in shapes.values()) * 4
     # progressive release: never much more than the largest map plus the block's inner activation
     assert info["peak_stored_bytes"] < 2.0 * largest
@@ -310,3 +313,81 @@ def test_reference_vae_tiled_matches_official_golden(reference_dir):
     decoded = tiled_decode(vae, golden["latent"] / desc.cldm.latent_scale_factor, tile_size=3, info=info)
     assert info["grids"][(64, 96)] == (3, 4)
     assert_close_rel(decoded, golden["decoded"], 1e-4, "tiled decode")
+
+
+# -- paused tiles on disk ------------------------------------------------------------------------------
+
+
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux
+        return None
+
+
+@pytest.fixture(scope="module")
+def vae1():
+    return tiny_vae(1)
+
+
+@pytest.mark.parametrize("limit", [0, 60_000], ids=["all-on-disk", "part-on-disk"])
+def test_spilled_tiles_give_the_untiled_result(vae1, limit, tmp_path):
+    """A memory limit far below the paused feature maps: they go to temporary files, and the result is
+    the in-memory tiled one bit for bit (hence the untiled one within rounding); the files are gone."""
+    vae = vae1
+    x, z = image(104, 136), latent(13, 17)
+    for run, inp, tile, untiled in ((tiled_encode, x, 32, untiled_encode), (tiled_decode, z, 4, untiled_decode)):
+        info: dict = {}
+        got = run(vae, inp, tile_size=tile, max_stored_bytes=limit, spill_dir=tmp_path, info=info)
+        in_memory = run(vae, inp, tile_size=tile)
+        assert torch.equal(got, in_memory)
+        assert_close_rel(got, untiled(vae, inp), 1e-4, f"{run.__name__} spilled")
+        assert info["spilled_bytes"] > 0 and info["peak_stored_bytes"] <= limit + 20_000  # + the 1/8-scale attention
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_the_disk_estimate_covers_the_spill(vae1, tmp_path):
+    z = latent(13, 17)
+    info: dict = {}
+    tiled_decode(vae1, z, tile_size=4, max_stored_bytes=100_000, spill_dir=tmp_path, info=info)
+    est = estimate(vae1, 13 * 8, 17 * 8, 4, part="decode", max_stored_bytes=100_000)
+    assert est.stored <= 100_000 < estimate(vae1, 13 * 8, 17 * 8, 4, part="decode").stored
+    # page rounding of these tiny tiles is within the margin the free-space check keeps
+    assert info["peak_disk_bytes"] <= 1.25 * est.disk
+
+
+def test_spill_files_are_removed_after_an_error(vae1, tmp_path, monkeypatch):
+    """An exception (or Ctrl-C) in the middle of a spilled decode leaves no file and no open descriptor."""
+    import restorecli.vae.tiled as tv
+
+    vae = vae1
+    z = latent(13, 17)
+    fds = _open_fds()
+    real_chain, calls = tv._Engine._chain, []
+
+    def failing(self, *args):
+        calls.append(self.spill.written)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_chain(self, *args)
+
+    monkeypatch.setattr(tv._Engine, "_chain", failing)
+    with pytest.raises(KeyboardInterrupt):
+        tiled_decode(vae, z, tile_size=4, max_stored_bytes=0, spill_dir=tmp_path)
+    assert calls[-1] > 0, "the failure came after tiles were on disk"
+    assert list(tmp_path.iterdir()) == []
+    assert _open_fds() == fds
+
+
+def test_free_disk_is_checked_before_any_work(vae1, tmp_path, monkeypatch):
+    import shutil
+
+    import restorecli.vae.tiled as tv
+
+    vae = vae1
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with monkeypatch.context() as m:
+        m.setattr(tv._Engine, "run", lambda *a: pytest.fail("computed before checking the disk"))
+        with pytest.raises(SpillError, match=rf"free disk in {tmp_path}.*0\.0 GiB is free"):
+            tiled_decode(vae, latent(13, 17), tile_size=4, max_stored_bytes=0, spill_dir=tmp_path)
+    tiled_decode(vae, latent(13, 17), tile_size=4, spill_dir=tmp_path)  # nothing to spill: no check

@@ -32,11 +32,17 @@ def from_float(x: np.ndarray, bit_depth: int) -> np.ndarray:
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
+    # one float temporary, worked on in place (an image-sized copy fewer per step: large images)
     if bit_depth == 8:
-        return np.nan_to_num(np.clip(x * 255, 0, 255), nan=0.0).astype(np.uint8)
+        y = x * 255
+        np.clip(y, 0, 255, out=y)
+        return np.nan_to_num(y, copy=False, nan=0.0).astype(np.uint8)
     if bit_depth == 16:
         x = x.astype(np.float32) if x.dtype.itemsize < 4 else x  # float16 cannot hold 65535
-        return np.nan_to_num(np.clip(np.rint(x * 65535), 0, 65535), nan=0.0).astype(np.uint16)
+        y = x * 65535
+        np.rint(y, out=y)
+        np.clip(y, 0, 65535, out=y)
+        return np.nan_to_num(y, copy=False, nan=0.0).astype(np.uint16)
     raise ValueError(f"`bit_depth` must be 8 or 16, got {bit_depth}")
 
 

@@ -15,9 +15,11 @@ draw the sampler makes, each drawn on the CPU and moved to the device.
 Memory and speed are handled here, each in one place:
 
 * `plan_memory` asks `restorecli.pipeline.planning` for the stage-2 tiles that fit the device (or `max_memory`):
-  the exact tiled VAE whenever the plain one would not fit (same result), the official latent tiles for
-  sampling only when untiled sampling would not fit (a different result: logged as a warning); explicit
-  `tile_size`/`tile_stride` win. Stage 1 plans its own tiles (`restorecli.stage1.run`).
+  the exact tiled VAE whenever the plain one would not fit (same result; paused tiles that still do not
+  fit go to a temporary file in `spill_dir`), the official latent tiles for sampling only when untiled
+  sampling would not fit (a different result: logged as a warning), the colour fix in exact bands;
+  explicit `tile_size`/`tile_stride` win. Stage 1 plans its own tiles (`restorecli.stage1.run`).
+  `check_memory` refuses, before any work, an image that cannot be restored within `max_memory`.
 * `_run_stage` retries a stage once with half the tiles after an out-of-memory error, with a warning,
   and then fails with an InputError for this image (a batch counts it and goes on).
 * `placement` (`restorecli.pipeline.placement`) keeps idle models off the accelerator: the cleaner during stage 2,
@@ -41,30 +43,44 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from .colorfix import color_fix as apply_color_fix
+from .colorfix import color_fix_in_bands
 from ..diffusion.conditioning import ControlCondition, ControlledModel
 from ..diffusion.guidance import RestorationGuidance, weight_map
 from ..diffusion.noise import GUIDANCE_STREAM, GeneratorNoise
 from ..diffusion.sampling import sample
 from ..diffusion.schedules import NoiseSchedule
 from ..diffusion.start import augment_condition, initial_latent
-from ..vae.tiled import posterior_mode, tiled_decode, tiled_encode
+from ..vae.tiled import SpillError, check_spill_space, default_spill_dir, posterior_mode, tiled_decode, tiled_encode
 from ..errors import InputError, UsageError, brief
 from ..oom import is_out_of_memory, release_memory
-from .memory import available_memory
+from .memory import SAFETY, available_memory
 from ..models.cldm import ControlledUNet, encode_prompt, vae_decode, vae_encode
 from ..models.description import DiffusionSpec
 from ..stage1.cleaners import Cleaner
 from ..settings import GuidanceSettings, RestoreSettings, SamplerSettings
 from .placement import Placement, module_device
 from .planning import (
+    OUTPUT_BYTES_PER_PIXEL,
     MemoryPlan,
     VaeChoice,
+    format_size,
     leaner_vae_choice,
     plan_stage2,
     smaller_sample_tile,
+    smallest_budget,
+    stage1_floor,
     stage2_budget,
 )
-from ..stage1.run import SWINIR_MULTIPLE, Stage1Result, pad_to_multiple, resize_to, run_stage1, stage1_only_output
+from ..stage1.run import (
+    SWINIR_MULTIPLE,
+    Stage1Result,
+    condition_size,
+    output_size_for,
+    pad_to_multiple,
+    resize_to,
+    run_stage1,
+    stage1_only_output,
+)
 
 log = logging.getLogger("restorecli.pipeline.diffbir")
 
@@ -151,6 +167,8 @@ class DiffBIRPipeline(DiffusionPipeline):
         self.batch_cfg: bool | None = None
         #: `stage_monitor(name)` -> a context manager around each stage (benchmarks time and measure them)
         self.stage_monitor: Callable[[str], Any] | None = None
+        #: where the tiled VAE's paused tiles go when they do not fit the budget (None: $RESTORE_HOME/tmp)
+        self.spill_dir: str | None = None
 
     # ------------------------------------------------------------------------------------------------
     # construction
@@ -312,6 +330,11 @@ class DiffBIRPipeline(DiffusionPipeline):
         # 1. Check inputs
         rgb = self.check_inputs(image, settings, output_type)
         sampling, guidance, tiles = settings.sampler, settings.guidance, settings.tiles
+        self.check_memory(
+            rgb.shape[:2], upscale=settings.upscale, stage1_only=settings.stage1_only, tile_size=tiles.tile_size,
+            tile_stride=tiles.tile_stride, cleaner_tile_size=tiles.cleaner_tile_size, max_memory=tiles.max_memory,
+            sampler=sampling.sampler, cfg=sampling.cfg, guidance=guidance, source=source,
+        )
         # 2. Stage 1: the clean but smooth condition image I_reg (>= 512 short side)
         stage1 = self.run_stage1(
             rgb, upscale=settings.upscale, tile_size=tiles.cleaner_tile_size, tile_stride=tiles.cleaner_tile_stride,
@@ -326,7 +349,7 @@ class DiffBIRPipeline(DiffusionPipeline):
         # 3. Plan stage 2's memory: VAE tiles, sampling tiles (and with them the padding)
         plan = self.plan_memory(
             stage1, tile_size=tiles.tile_size, tile_stride=tiles.tile_stride, max_memory=tiles.max_memory,
-            sampler=sampling.sampler, cfg=sampling.cfg, guidance=guidance,
+            sampler=sampling.sampler, cfg=sampling.cfg, guidance=guidance, source=source,
         )
         # 4. Encode the condition (pad, VAE-encode the posterior mode, pad the latent)
         inputs = self.encode_condition(stage1.cond_img, plan, source=source)
@@ -347,7 +370,7 @@ class DiffBIRPipeline(DiffusionPipeline):
         # 9. Colour fix toward the stage-1 image, then resize to the output size
         with self._monitor("colour fix"):
             restored = self.color_correct(decoded, inputs.cond_img, settings.color_fix, stage1.output_size,
-                                          on_cpu=plan.post_on_cpu)
+                                          on_cpu=plan.post_on_cpu, rows=plan.post_rows)
         # 10. Postprocess
         maps = None
         if return_guidance_map:
@@ -406,27 +429,17 @@ class DiffBIRPipeline(DiffusionPipeline):
 
     def plan_memory(self, stage1: Stage1Result, *, tile_size=None, tile_stride=None, max_memory=None,
                     sampler: str = "edm_dpm++_3m_sde", cfg: float = 6.0,
-                    guidance: GuidanceSettings | None = None) -> MemoryPlan:
+                    guidance: GuidanceSettings | None = None, source: str | None = None) -> MemoryPlan:
         """Stage-2 tiles for this image within what the device has free (at most `max_memory`), see
         `restorecli.pipeline.planning`. With `set_offload(True)` the weights a stage brings to the device are
-        taken off the budget first."""
+        taken off the budget first. An InputError for this image when even the leanest plan exceeds
+        `max_memory`, or the disk lacks room for the paused VAE tiles the plan puts there."""
         h0, w0 = stage1.cond_img.shape[-2:]
-        device = self.execution_device
-        budget = stage2_budget(device, max_memory)
-        if self.placement.offload and self.placement.active:
-            budget -= max(_weight_bytes(self.unet, self.controlnet), _weight_bytes(self.vae))
-        batched = self.cfg_batching()
-        if batched is None:
-            batched = sampler in ("ddim", "dpm++_m2")  # upstream batches these (diffusion.sampling)
-        plan = plan_stage2(
-            h0, w0, vae_config=self.vae.config, unet_config=self.unet.config, dtype=self.unet.dtype,
-            vae_dtype=self.vae.dtype, device=device, budget=max(budget, 0), tile_size=tile_size,
-            tile_stride=tile_stride, cfg_batch=2 if (batched and cfg != 1.0) else 1,
-            guidance_space=guidance.space if guidance is not None and guidance.enabled else None,
-            output_size=stage1.output_size,
-        )
+        plan = self._plan(h0, w0, stage1.output_size, tile_size=tile_size, tile_stride=tile_stride,
+                          max_memory=max_memory, sampler=sampler, cfg=cfg, guidance=guidance)
         log.info("memory plan: %s", plan.describe())
-        short = [name for name in ("encode", "sampling", "decode") if plan.estimates.get(name, 0) > plan.budget]
+        self._refuse_if_short(plan, max_memory, source)
+        short = [name for name in ("encode", "sampling", "decode", "colour fix") if name in plan.over_budget()]
         if short:
             log.warning("%s may not fit the %.1f GiB at hand even in the smallest tiles; trying anyway",
                         " and ".join(short), plan.budget / 2**30)
@@ -439,6 +452,72 @@ class DiffBIRPipeline(DiffusionPipeline):
                 plan.untiled.get("sampling", 0) / 2**30, plan.budget / 2**30,
             )
         return plan
+
+    def check_memory(self, lq_size, *, upscale: float, stage1_only: bool = False, tile_size=None, tile_stride=None,
+                     cleaner_tile_size=None, max_memory=None, sampler: str = "edm_dpm++_3m_sde", cfg: float = 6.0,
+                     guidance: GuidanceSettings | None = None, source: str | None = None) -> MemoryPlan | None:
+        """Before any work on an `lq_size` = (h, w) input: an InputError naming the file when it cannot be
+        restored within `max_memory` even with the leanest plan (the message gives the smallest budget that
+        works), or when the paused VAE tiles would not fit the disk. Returns the plan (None without
+        `max_memory`: the free memory then only sets the tiles)."""
+        if max_memory is None:
+            return None
+        h, w = (int(v) for v in lq_size[:2])
+        output_size = output_size_for(h, w, upscale)
+        if min(output_size) < 1:
+            return None  # stage 1 reports it
+        cleaner = self.cleaner
+        first = stage1_floor(
+            cleaner.kind, self.stage1_pipeline or cleaner.pipeline, (h, w), upscale, scale=cleaner.scale,
+            dtype=cleaner.dtype, multiple_of=getattr(getattr(cleaner, "size_requirements", None), "multiple_of", 1) or 1,
+            tile=cleaner_tile_size,
+        )
+        if stage1_only:
+            budget = stage2_budget(self.cleaner.device, max_memory)
+            plan = MemoryPlan(budget=budget, size=condition_size(output_size))
+            plan.estimates["stage 1"] = first
+            plan.estimates["output"] = OUTPUT_BYTES_PER_PIXEL * output_size[0] * output_size[1]
+        else:
+            h0, w0 = condition_size(output_size)
+            plan = self._plan(h0, w0, output_size, tile_size=tile_size, tile_stride=tile_stride, max_memory=max_memory,
+                              sampler=sampler, cfg=cfg, guidance=guidance, stage1=first)
+        self._refuse_if_short(plan, max_memory, source)
+        return plan
+
+    def _plan(self, h0: int, w0: int, output_size, *, tile_size, tile_stride, max_memory, sampler, cfg, guidance,
+              stage1: int | None = None) -> MemoryPlan:
+        device = self.execution_device
+        budget = stage2_budget(device, max_memory)
+        if self.placement.offload and self.placement.active:
+            budget -= max(_weight_bytes(self.unet, self.controlnet), _weight_bytes(self.vae))
+        batched = self.cfg_batching()
+        if batched is None:
+            batched = sampler in ("ddim", "dpm++_m2")  # upstream batches these (diffusion.sampling)
+        host_room = int(SAFETY * available_memory("cpu")) if device.type != "cpu" else None
+        return plan_stage2(
+            h0, w0, vae_config=self.vae.config, unet_config=self.unet.config, dtype=self.unet.dtype,
+            vae_dtype=self.vae.dtype, device=device, budget=max(budget, 0), tile_size=tile_size,
+            tile_stride=tile_stride, cfg_batch=2 if (batched and cfg != 1.0) else 1,
+            guidance_space=guidance.space if guidance is not None and guidance.enabled else None,
+            output_size=output_size, host_room=host_room, stage1=stage1,
+        )
+
+    def _refuse_if_short(self, plan: MemoryPlan, max_memory: int | None, source: str | None) -> None:
+        """The one-line refusals: a plan that cannot fit `max_memory` at all, a disk too small for its spill."""
+        if max_memory is not None and plan.needed > SAFETY * max_memory:
+            stage = max(plan.estimates, key=plan.estimates.get)
+            h0, w0 = plan.size
+            raise InputError(
+                source,
+                f"cannot be restored within --max-memory {format_size(max_memory)}: {stage} needs about "
+                f"{format_size(plan.needed)} even with the leanest tiles (a {w0}x{h0} stage-2 image); the smallest "
+                f"budget that works is --max-memory {format_size(smallest_budget(plan.needed))}",
+            )
+        if plan.spill > 0:
+            try:
+                check_spill_space(self.spill_dir or default_spill_dir(), plan.spill)
+            except SpillError as e:
+                raise InputError(source, str(e)) from None
 
     def encode_condition(self, cond_img: torch.Tensor, plan: MemoryPlan | None = None, *, tile_size=None,
                          tile_stride=None, source=None) -> StageTwoInputs:
@@ -610,11 +689,17 @@ class DiffBIRPipeline(DiffusionPipeline):
         return self._decode(z, vae or VaeChoice())[..., :h0, :w0]
 
     def color_correct(self, decoded: torch.Tensor, cond_img: torch.Tensor, kind: str, output_size, *,
-                      on_cpu: bool = False) -> torch.Tensor:
+                      on_cpu: bool = False, rows: int | None = None) -> torch.Tensor:
         """`color_fix((x + 1) / 2, stage1)` then a bicubic antialiased resize to the output size (PIPELINE.md 9.2).
-        `on_cpu`: in host memory (the plan's choice when the image-sized buffers would not fit the device)."""
+        `on_cpu`: in host memory (the plan's choice when the image-sized buffers would not fit the device).
+        `rows`: in exact bands of that many rows, written into `decoded` (the plan's choice when the
+        whole-image temporaries would not fit); a resize to the same size is then skipped (it is the
+        identity, bit for bit)."""
         if on_cpu:
             decoded, cond_img = decoded.cpu(), cond_img.cpu()
+        if rows is not None:
+            x = color_fix_in_bands(kind, decoded, cond_img, int(rows))
+            return x if tuple(x.shape[-2:]) == tuple(output_size) else resize_to(x, output_size)
         x = apply_color_fix(kind, (decoded + 1) / 2, cond_img.to(decoded.device, decoded.dtype))
         return resize_to(x, output_size)
 
@@ -631,7 +716,8 @@ class DiffBIRPipeline(DiffusionPipeline):
             if vae.tile is None:
                 return vae_encode(self._stage2(), image)
             moments = tiled_encode(self.vae, image, tile_size=vae.tile, recompute=vae.recompute,
-                                   offload=self._offload_tiles(vae))
+                                   offload=self._offload_tiles(vae), max_stored_bytes=vae.max_stored,
+                                   spill_dir=self.spill_dir)
             return posterior_mode(moments) * self.latent_scale_factor
 
         with self.placement.using(self.vae):
@@ -643,7 +729,8 @@ class DiffBIRPipeline(DiffusionPipeline):
             if vae.tile is None:
                 return vae_decode(self._stage2(), z)
             return tiled_decode(self.vae, z / self.latent_scale_factor, tile_size=vae.tile, recompute=vae.recompute,
-                                offload=self._offload_tiles(vae))
+                                offload=self._offload_tiles(vae), max_stored_bytes=vae.max_stored,
+                                spill_dir=self.spill_dir)
 
         with self.placement.using(self.vae):
             return self._vae_pass("decode", run).float()

@@ -1,26 +1,9 @@
 """How much memory a device has free, and how much stage 1 needs, for choosing automatic tiling.
 
-Stage-1 peak estimates are bytes per pixel of the model input, measured, not derived:
-
-    For each architecture at its official full size (random weights shaped by
-    ../shared/reference/manifest_full.json), a fresh process builds the model, resets the kernel's
-    high-water mark of its resident set (``echo 5 > /proc/self/clear_refs``), runs one forward pass
-    under ``torch.no_grad()`` on CPU (torch 2.14, 2 threads) and reads ``VmHWM`` from
-    /proc/self/status. The figure below is the slope of (peak - resident before) over input pixels
-    between two sizes, rounded up by ~10% (``python benchmarks/stage1.py --measure`` repeats it).
-
-    ==========  ==================  ============================  ==================
-    kind        measured (fp32)     sizes                         used here
-    ==========  ==================  ============================  ==================
-    swinir      ~910-935 B/px       512^2, 768^2                  1000 B/px
-    bsrnet      ~10.3 KB per LQ px  64^2, 128^2 LQ (x4 output)    12000 B/px
-    scunet      ~5.0 KB/px          128^2, 256^2                  5500 B/px
-    ==========  ==================  ============================  ==================
-
-Autocast in fp16/bf16 measured ~0.55x of fp32 (SwinIR 512^2, BSRNet 128^2): `HALF_FACTOR`. GPU kernels
-(cuDNN workspaces, the caching allocator) add to this; `SAFETY` leaves room for them. Models of other
-architectures get `GENERIC_BYTES_PER_OUTPUT_PIXEL` per output pixel (a deliberately generous guess:
-attention-heavy super-resolution models such as HAT or DAT need several KB per output pixel).
+Stage-1 peaks are bytes per pixel of the model input, measured per architecture at its official full
+size (docs/memory.md has the figures and `python benchmarks/stage1.py --measure` repeats them), plus the
+image-sized buffers around the model. Models of other architectures get a deliberately generous guess
+per output pixel. `SAFETY` leaves room for what no estimate sees (GPU workspaces, allocator slack).
 """
 
 from __future__ import annotations
@@ -36,8 +19,9 @@ log = logging.getLogger("restorecli.stage1.run")
 STAGE1_BYTES_PER_PIXEL = {"swinir": 1000, "bsrnet": 12000, "scunet": 5500}
 GENERIC_BYTES_PER_OUTPUT_PIXEL = 6000
 HALF_FACTOR = 0.6
-#: Image-sized buffers around the model (input, tiled output and weight sums, the 512 resize), per output pixel.
-BUFFER_BYTES_PER_OUTPUT_PIXEL = 64
+#: Image-sized buffers around the model, per output pixel: the pre-upscaled 8-bit image, its float32 copy
+#: (made through two temporaries), the tiled output and its weight sum (measured ~36; docs/memory.md).
+BUFFER_BYTES_PER_OUTPUT_PIXEL = 40
 #: Fraction of the available memory that stage 1 plans to use.
 SAFETY = 0.8
 _FALLBACK_BYTES = 4 << 30

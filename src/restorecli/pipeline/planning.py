@@ -1,68 +1,16 @@
-"""Memory planning for stage 2: what each stage needs, and which tiles make it fit the device.
+"""Memory planning: what each stage of a restoration needs, and which tiles make it fit the budget.
 
 The stages of one image run one after another and free their work in between, so each is planned on
-its own against the same budget, plus the image-sized buffers that live through all of them:
+its own against the same budget, with the image-sized buffers alive through it counted in:
 
     budget = SAFETY x available_memory(device, --max-memory)        (restorecli.pipeline.memory)
 
-(CUDA: free device memory plus the allocator's unused cache; CPU: MemAvailable or the cgroup's headroom.)
-It is read after the models are loaded, so their weights are not part of it. Stage 1 plans its own
-tiles the same way (`restorecli.stage1.run`); this module plans the rest:
-
-============  ==================================================  ======================================
-stage         estimate (bytes)                                    when it does not fit
-============  ==================================================  ======================================
-VAE encode    `tiled_vae.estimate_peak_bytes` (a model of the      exact tiled encoder (tiled == untiled,
-              allocations), x VAE_CPU_FACTOR on the CPU            so nothing changes): the largest tile
-                                                                   of ENCODE_TILES that fits
-sampling      one UNet + IRControlNet call: batch x latent px x    the official gaussian latent tiles
-              per-pixel bytes + fixed; plus the sampler's          (changes the result: logged as a
-              whole-latent buffers                                 warning): the largest tile that fits
-guidance      latent: the target's posterior encode (tiled like    - (rgb space cannot be tiled; a
-              the condition); rgb: decode + backward, checkpointed warning says it may not fit)
-VAE decode    as VAE encode                                        exact tiled decoder, DECODE_TILES
-colour fix    POST_BYTES_PER_PIXEL x output pixels                 runs on the CPU instead
-============  ==================================================  ======================================
-
-Where the numbers come from (full-size architectures, random weights, ``benchmarks/run.py --measure``
-repeats the measurements; CPU: peak resident set over the resident set before the call, torch 2.14,
-glibc told to return freed memory at once, see benchmarks/common.py):
-
-* UNet + IRControlNet, fp32, PyTorch SDPA attention (flash kernels on CPU and CUDA keep attention
-  linear in the number of tokens), one call, batch 1, over the resident set after a warm-up call:
-
-      latent     32x32    64x64    96x96    128x128
-      measured   144 MB   192 MB   404 MB   708 MB
-
-  Beyond a fixed ~150 MB (oneDNN's weight copies and scratch, reached at small sizes) the cost is
-  42.5 KB per latent pixel (96^2 -> 128^2; the GEGLU feed-forward of the first level alone holds 2560
-  channels per pixel) = 26.2 bytes per "skip float" (the channel-pixels of the skip activations a
-  diffusers UNet keeps per latent pixel, 1620 for SD 2.1; other UNets - tiny test models, custom
-  descriptions - are scaled by their own). Used: max(SAMPLING_FIXED_BYTES = 160 MiB, 28 bytes per skip
-  float = 45.4 KB per latent pixel, x batch): within 5% from 64x64 up (above at 96^2 and 128^2),
-  17% above at 32x32.
-  Batched cfg (cond + uncond in one call) doubles the per-pixel part; when only the unbatched call fits,
-  the planner turns batching off before it resorts to tiles (same result up to float rounding).
-* Half precision: activations take half the bytes; HALF_FACTOR = 0.6 as for stage 1 (memory.py).
-* Devices whose SDPA may fall back to the math kernel (MPS) add the quadratic attention matrix of the
-  first transformer level (heads x tokens^2).
-* The VAE: ``estimate_peak_bytes`` models the device allocations (within about +-30%, tested in
-  tests/test_tiled_vae.py). On the CPU the plain module's oneDNN copies add about 30% (benchmarks/
-  tiled_vae.py, resident set over base / estimate: untiled encode 1024^2 1.25, decode 512^2 1.29), hence
-  VAE_CPU_FACTOR = 1.35 for it; the tiled one measured 0.92 of its estimate (encode 1024^2, 512 px).
-  The exact tiled VAE keeps each GroupNorm stage's whole output (as paused tiles) until the next
-  stage has its statistics, so its peak has a floor of about two feature maps however small the
-  tiles: 9 GiB for a 2048^2 fp32 decode. The planner therefore tries, cheapest first: plain; tiled;
-  tiled with the paused tiles in host memory (CUDA); tiled with recomputation (about one feature map,
-  ~+35% time); both.
-* Colour fix and final resize (wavelet): 212 and 205 bytes per pixel measured at 512^2 and 1024^2
-  (benchmarks/run.py, "colour fix"; content, style, high, low, the padded blur inputs, the sum, the
-  resized copy): POST_BYTES_PER_PIXEL = 232.
-* Stage 1 (its own plan, memory.py) and the VAE estimates agree with benchmarks/run.py within 15%:
-  stage 1 231 / 866 MiB measured at 512^2 / 1024^2 (262 MB / 1.05 GB estimated), plain encode 641 /
-  2561 MiB (0.7 / 2.7 GiB), plain decode 962 / 3842 MiB (1.0 / 4.1 GiB).
-* rgb-space guidance: about 3 GB per 512x512 pixels in float32 with a checkpointed decoder
-  (benchmarks/guidance.py): 11.5 KB per pixel.
+read after the models are loaded, so their weights are not part of it. Stage 1 tiles itself
+(`restorecli.stage1.run`); this module plans the VAE (exact tiles, then paused feature maps on disk),
+sampling (the official latent tiles, a different result, only when untiled sampling cannot fit) and
+the colour fix (exact bands), and, when even the leanest plan exceeds the budget, says how much would
+do (`MemoryPlan.needed`, `smallest_budget`). The per-pixel figures are measured on the real
+architectures; docs/memory.md has the measurements and the commands that repeat them.
 """
 
 from __future__ import annotations
@@ -73,12 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .memory import SAFETY, available_memory
+from .memory import SAFETY, available_memory, stage1_peak_bytes
 
 log = logging.getLogger("restorecli.pipeline.planning")
 
 VAE_SCALE = 8
 SAMPLING_BYTES_PER_SKIP_FLOAT = 28
+#: Bytes per channel-pixel of the widest transformer level's feed-forward (16 x its channels: the GEGLU
+#: projection, its halves and product), for UNets whose attention, not their skips, dominates.
+SAMPLING_BYTES_PER_FF_FLOAT = 8
 SAMPLING_FIXED_BYTES = 160 << 20
 SD21_SKIP_FLOATS = 1620
 #: x, the start latent, the condition, the solver's history (up to 3 earlier outputs), the tiled
@@ -86,9 +37,22 @@ SD21_SKIP_FLOATS = 1620
 SAMPLER_LATENT_BUFFERS = 16
 HALF_FACTOR = 0.6
 VAE_CPU_FACTOR = 1.35
+#: The stage-1 image (float32 RGB): the condition and the colour-fix reference, alive through stage 2.
+COND_BYTES_PER_PIXEL = 12
+#: The encoder's input is made as `pad(cond) * 2 - 1`: two padded float32 copies at once.
+ENCODE_INPUT_BYTES_PER_PIXEL = 24
+#: The decoded image (float32 RGB), alive from the decoder's output through the colour fix.
+DECODED_BYTES_PER_PIXEL = 12
+#: Whole-image colour fix and final resize, over the stage-1 and decoded images (wavelet, measured).
 POST_BYTES_PER_PIXEL = 232
-#: cond_img, its padded copy for the encoder, the decoded image: float32 RGB, alive through stage 2.
-IMAGE_BYTES_PER_PIXEL = 36
+#: The colour fix in bands (`colorfix.color_fix_in_bands`), per pixel of a band with its halo (measured
+#: 223 at 2048^2 in bands of 1024 rows).
+POST_BAND_BYTES_PER_PIXEL = 240
+#: Band heights tried (rows), largest first.
+POST_BANDS = (1024, 512, 256, 128, 64, 32, 16)
+#: After the colour fix, per output pixel: the restored image, the stage-1 copy the result carries,
+#: the stage-1 image, then the caller's conversion to integers (float32 RGB each) and the integers.
+OUTPUT_BYTES_PER_PIXEL = 40
 GUIDANCE_RGB_BYTES_PER_PIXEL = 11_500
 #: Tile sides tried, largest first: encoder (image pixels), decoder (latent pixels).
 ENCODE_TILES = (2048, 1024, 512, 256, 128, 64)
@@ -96,6 +60,8 @@ DECODE_TILES = (256, 128, 64, 32, 16, 8)
 #: Automatic sampling tiles are multiples of 8 latent pixels (64 image pixels, the official rule),
 #: never below this.
 MIN_SAMPLE_TILE = 16
+#: The stages a plan budgets, in the order they run.
+STAGES = ("stage 1", "encode", "sampling", "decode", "colour fix", "output")
 
 
 # -- what each stage needs ---------------------------------------------------------------------------------
@@ -115,15 +81,27 @@ def skip_floats_per_latent_pixel(unet_config) -> float:
     return total
 
 
+def ff_floats_per_latent_pixel(unet_config) -> float:
+    """16 x channels x area of the largest transformer level: the GEGLU feed-forward's activations per
+    latent pixel (5120 for SD 2.1's first level)."""
+    channels = list(unet_config["block_out_channels"])
+    kinds = list(unet_config.get("down_block_types") or ())
+    levels = [i for i, kind in enumerate(kinds) if "CrossAttn" in kind]
+    return max((16 * channels[i] / 4**i for i in levels), default=0.0)
+
+
 def _is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
 def sampling_peak_bytes(unet_config, h: int, w: int, *, batch: int = 1, dtype=torch.float32,
                         device: torch.device | str = "cpu") -> int:
-    """One UNet + IRControlNet call on a (batch, 4, h, w) latent (see the module docstring)."""
+    """One UNet + IRControlNet call on a (batch, 4, h, w) latent: max(a fixed part, per latent pixel the
+    larger of bytes per skip float x skip floats and bytes per feed-forward float x its floats), plus the
+    quadratic attention matrix where SDPA may fall back to the math kernel (docs/memory.md)."""
     skip = skip_floats_per_latent_pixel(unet_config)
-    model = max(SAMPLING_BYTES_PER_SKIP_FLOAT * skip * batch * h * w, SAMPLING_FIXED_BYTES * skip / SD21_SKIP_FLOATS)
+    per_pixel = max(SAMPLING_BYTES_PER_SKIP_FLOAT * skip, SAMPLING_BYTES_PER_FF_FLOAT * ff_floats_per_latent_pixel(unet_config))
+    model = max(per_pixel * batch * h * w, SAMPLING_FIXED_BYTES * skip / SD21_SKIP_FLOATS)
     if torch.device(device).type not in ("cpu", "cuda"):  # SDPA may use the math kernel: q k^T in memory
         heads = unet_config.get("attention_head_dim") or 8
         heads = heads[0] if isinstance(heads, (list, tuple)) else heads
@@ -138,32 +116,57 @@ def sampler_buffer_bytes(h: int, w: int) -> int:
 
 
 def vae_peak_bytes(vae_config, h: int, w: int, tile: int | None, *, part: str, dtype=torch.float32,
-                   device: torch.device | str = "cpu", offload: bool = False, recompute: bool = False) -> int:
+                   device: torch.device | str = "cpu", offload: bool = False, recompute: bool = False,
+                   max_stored: int | None = None) -> int:
     """The exact tiled VAE's (or, tile None, the plain VAE's) peak on an h x w image (pixels)."""
-    from ..vae.tiled import estimate_peak_bytes
+    return vae_estimate(vae_config, h, w, tile, part=part, dtype=dtype, device=device, offload=offload,
+                        recompute=recompute, max_stored=max_stored).peak
 
-    est = estimate_peak_bytes(vae_config, h, w, tile, dtype, part=part, offload=offload, recompute=recompute)
+
+def vae_estimate(vae_config, h: int, w: int, tile: int | None, *, part: str, dtype=torch.float32,
+                 device: torch.device | str = "cpu", offload: bool = False, recompute: bool = False,
+                 max_stored: int | None = None):
+    """`restorecli.vae.tiled.estimate` (peak, paused tiles in memory, on disk), the plain module's
+    peak x VAE_CPU_FACTOR on the CPU (oneDNN's reordered weight and activation copies)."""
+    from ..vae.tiled import estimate
+
+    est = estimate(vae_config, h, w, tile, dtype, part=part, offload=offload, recompute=recompute,
+                   max_stored_bytes=max_stored)
     if torch.device(device).type == "cpu" and tile is None:
-        est *= VAE_CPU_FACTOR
-    return int(est)
+        est = est._replace(peak=int(est.peak * VAE_CPU_FACTOR))
+    return est
+
+
+def post_peak_bytes(h: int, w: int, rows: int | None) -> int:
+    """The colour fix's own bytes on an h x w image, whole (`rows` None) or in bands of `rows` rows."""
+    if rows is None or rows >= h:
+        return POST_BYTES_PER_PIXEL * h * w
+    from .colorfix import WAVELET_HALO
+
+    return POST_BAND_BYTES_PER_PIXEL * (rows + 2 * WAVELET_HALO) * w
 
 
 @dataclass(frozen=True)
 class VaeChoice:
     """How the VAE runs one pass: `tile` None = the plain module; else the exact tiled one, with
-    `recompute` (inner ResNet activations recomputed, ~+35% time) and `offload` (paused tiles in host
-    memory, CUDA) when the tiles alone do not fit."""
+    `recompute` (inner ResNet activations recomputed, ~+35% time), `offload` (paused tiles in host
+    memory, CUDA) and `max_stored` (at most that many bytes of paused tiles in memory, the rest in a
+    temporary file: about `spill` bytes) when the tiles alone do not fit."""
 
     tile: int | None = None
     recompute: bool = False
     offload: bool = False
     estimate: int = 0
     untiled: int = 0
+    max_stored: int | None = None
+    spill: int = 0
 
     def describe(self, unit: str) -> str:
         if self.tile is None:
             return "untiled"
         extra = [x for x, on in (("recompute", self.recompute), ("tiles in host memory", self.offload)) if on]
+        if self.max_stored is not None and self.spill > 0:
+            extra.append(f"~{self.spill / 2**30:.1f} GiB of paused tiles on disk")
         return f"tiles of {self.tile} {unit}" + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -175,9 +178,10 @@ class MemoryPlan:
     """Stage-2 choices for one image: `encode` / `decode` (a VaeChoice each; tiles in image pixels for the
     encoder, latent pixels for the decoder), `sample_tile` = (size, stride) in latent pixels (the official
     tiled sampling; None = untiled; `sample_tile_auto` when the planner chose it), `cfg_batch` (2: cond
-    and uncond in one call; 1: two calls, also when batching was asked for but only one call fits), `post_on_cpu` (the
-    colour fix in host memory). `estimates`: bytes per stage as planned; `untiled`: the plain stage's
-    estimate where a tiled one was chosen."""
+    and uncond in one call; 1: two calls, also when batching was asked for but only one call fits),
+    `post_rows` (the colour fix in bands of that many rows; None: whole), `post_on_cpu` (the colour fix
+    in host memory). `estimates`: bytes per stage as planned, the image-sized buffers alive through the
+    stage included (`STAGES`); `untiled`: the plain stage's estimate where a tiled one was chosen."""
 
     budget: int
     size: tuple[int, int]  # (h0, w0) of the stage-1 image
@@ -187,6 +191,7 @@ class MemoryPlan:
     cfg_batch: int = 1
     unbatched_cfg: bool = False
     decode: VaeChoice = field(default_factory=VaeChoice)
+    post_rows: int | None = None
     post_on_cpu: bool = False
     estimates: dict[str, int] = field(default_factory=dict)
     untiled: dict[str, int] = field(default_factory=dict)
@@ -201,13 +206,30 @@ class MemoryPlan:
 
     @property
     def pad(self) -> int:
-        """The stage-2 padding: 8 with tiled sampling, else 64 (PIPELINE.md 2.4; VAE tiling is exact and
-        does not count)."""
+        """The stage-2 padding: 8 with tiled sampling, else 64 (VAE tiling is exact and does not count)."""
         return 8 if self.sample_tile is not None else 64
+
+    @property
+    def spill(self) -> int:
+        """Bytes of paused VAE tiles planned on disk (encode and decode do not overlap)."""
+        return max(self.encode.spill, self.decode.spill)
+
+    @property
+    def needed(self) -> int:
+        """The largest stage estimate: what the plan needs. When it exceeds the budget, every stage that
+        does not fit already took its leanest option, so this is the least any budget must give."""
+        return max(self.estimates.values(), default=0)
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.budget
+
+    def over_budget(self) -> list[str]:
+        return [name for name in STAGES if self.estimates.get(name, 0) > self.budget]
 
     def describe(self) -> str:
         def gib(n: int) -> str:
-            return f"{n / 2**30:.1f} GiB"
+            return f"{n / 2**30:.1f} GiB" if n >= 2**30 // 10 else f"{n / 2**20:.0f} MiB"
 
         def part(name: str, what: str) -> str:
             est = self.estimates.get(name)
@@ -219,11 +241,11 @@ class MemoryPlan:
             part("encode", self.encode.describe("px")),
             part("sampling", f"tiles of {sample[0] * VAE_SCALE}/{sample[1] * VAE_SCALE} px" if sample else "untiled"),
             part("decode", self.decode.describe("latent px")),
+            part("colour fix", f"in bands of {self.post_rows} rows" if self.post_rows else "whole")
+            + (" on the CPU" if self.post_on_cpu else ""),
         ]
         if "guidance" in self.estimates:
             parts.append(f"guidance ~{gib(self.estimates['guidance'])}")
-        if self.post_on_cpu:
-            parts.append("colour fix on the CPU")
         return f"{self.size[1]}x{self.size[0]}, budget {gib(self.budget)}: " + "; ".join(parts)
 
 
@@ -232,9 +254,22 @@ def stage2_budget(device: torch.device | str, max_memory: int | None) -> int:
     return int(SAFETY * available_memory(device, max_memory))
 
 
+def smallest_budget(needed: int) -> int:
+    """The least --max-memory whose plan gives `needed` bytes (SAFETY of it), rounded up to a tenth of a
+    GiB (below 1 GiB: to 16 MiB)."""
+    cap = int(math.ceil(needed / SAFETY))
+    step = 2**30 // 10 if cap > 2**30 else 16 << 20
+    return -(-cap // step) * step
+
+
+def format_size(n: int) -> str:
+    """A --max-memory value: ``1.3GB``, or ``48MB`` below 1 GiB (powers of 1024, as the option reads them)."""
+    return f"{n / 2**30:.1f}GB" if n >= 2**30 else f"{math.ceil(n / 2**20)}MB"
+
+
 def _latent_size(h0: int, w0: int, pad: int) -> tuple[int, int]:
     """(h1, w1) and the sampled latent: the condition padded to `pad`, over 8; untiled the latent is then
-    padded to 8 (PIPELINE.md 2.4)."""
+    padded to 8."""
     return math.ceil(h0 / pad) * pad // VAE_SCALE, math.ceil(w0 / pad) * pad // VAE_SCALE
 
 
@@ -253,6 +288,9 @@ def plan_stage2(
     cfg_batch: int = 1,
     guidance_space: str | None = None,
     output_size: tuple[int, int] | None = None,
+    spill: bool = True,
+    host_room: int | None = None,
+    stage1: int | None = None,
 ) -> MemoryPlan:
     """Tiles for stage 2 of an h0 x w0 stage-1 image within `budget` bytes.
 
@@ -260,16 +298,20 @@ def plan_stage2(
     `tile_size`/`tile_stride` (pixels, --tile-size/--tile-stride) fix the sampling tiles; otherwise
     sampling is untiled unless that would not fit, and then the largest latent tile (a multiple of 8,
     no larger than the latent's short side) that fits, with half-tile stride. The VAE is tiled whenever
-    the plain one would not fit; its tiles are exact, so that never changes the result. `cfg_batch`: 2
-    when cond and uncond go through one batched call. `guidance_space`: "latent"/"rgb" when restoration
-    guidance is on.
+    the plain one would not fit; its tiles are exact, so that never changes the result, and with
+    `spill` the paused tiles that still do not fit go to disk. `cfg_batch`: 2 when cond and uncond go
+    through one batched call. `guidance_space`: "latent"/"rgb" when restoration guidance is on.
+    `host_room`: on an accelerator, the host memory paused tiles may take (beyond it they go to disk).
+    `stage1`: stage 1's estimate, to budget it alongside (`stage1_floor`).
     """
     device = torch.device(device)
     vae_dtype = vae_dtype or dtype
     output_size = output_size or (h0, w0)
     plan = MemoryPlan(budget=int(budget), size=(int(h0), int(w0)))
-    resident = IMAGE_BYTES_PER_PIXEL * h0 * w0
-    room = plan.budget - resident
+    cond = COND_BYTES_PER_PIXEL * h0 * w0
+    room = plan.budget - cond
+    if stage1 is not None:
+        plan.estimates["stage 1"] = int(stage1)
 
     # sampling first: it decides the padding, which the encoder and decoder see
     if tile_size:
@@ -288,40 +330,66 @@ def plan_stage2(
         cfg_batch, whole = 1, untiled_sampling(1)  # two calls instead of tiles: the same result
         plan.unbatched_cfg = True
     plan.cfg_batch = cfg_batch
-    plan.untiled["sampling"] = whole
+    plan.untiled["sampling"] = cond + whole
     if plan.sample_tile is None and not tile_size and whole > room:
         plan.sample_tile = sample_tile_for(unet_config, h0, w0, room, batch=cfg_batch, dtype=dtype, device=device)
         plan.sample_tile_auto = plan.sample_tile is not None
     if plan.sample_tile is not None:
         h, w = _latent_size(h0, w0, 8)
         size = plan.sample_tile[0]
-        plan.estimates["sampling"] = (sampling_peak_bytes(unet_config, size, size, batch=cfg_batch, dtype=dtype, device=device)
-                                      + sampler_buffer_bytes(h, w))
+        sampling = (sampling_peak_bytes(unet_config, size, size, batch=cfg_batch, dtype=dtype, device=device)
+                    + sampler_buffer_bytes(h, w))
     else:
-        plan.estimates["sampling"] = whole
+        sampling = whole
+    plan.estimates["sampling"] = cond + sampling
     ph, pw = h * VAE_SCALE, w * VAE_SCALE  # the padded condition the VAE sees
 
+    # the VAE: the encoder's input and the decoder's output are part of its estimate
+    floor_in = ENCODE_INPUT_BYTES_PER_PIXEL * ph * pw  # pad(cond) * 2 - 1, before the encoder runs
     for name, tiles in (("encode", ENCODE_TILES), ("decode", DECODE_TILES)):
-        choice = vae_choice(vae_config, ph, pw, tiles, part=name, room=room, dtype=vae_dtype, device=device)
+        choice = vae_choice(vae_config, ph, pw, tiles, part=name, room=room, dtype=vae_dtype, device=device,
+                            spill=spill, host_room=host_room)
         setattr(plan, name, choice)
-        plan.estimates[name], plan.untiled[name] = choice.estimate, choice.untiled
+        plan.estimates[name] = cond + choice.estimate
+        plan.untiled[name] = cond + choice.untiled
+    plan.estimates["encode"] = max(plan.estimates["encode"], cond + floor_in)
+    if _is_half(vae_dtype):  # the decoded image comes back as float32 beside the half one
+        plan.estimates["decode"] += (DECODED_BYTES_PER_PIXEL + DECODED_BYTES_PER_PIXEL // 2) * ph * pw
 
     if guidance_space == "latent":
         plan.estimates["guidance"] = plan.estimates["encode"]
     elif guidance_space == "rgb":
-        plan.estimates["guidance"] = int(GUIDANCE_RGB_BYTES_PER_PIXEL * ph * pw * (HALF_FACTOR if _is_half(vae_dtype) else 1))
-        if plan.estimates["guidance"] > room:
+        plan.estimates["guidance"] = cond + int(GUIDANCE_RGB_BYTES_PER_PIXEL * ph * pw * (HALF_FACTOR if _is_half(vae_dtype) else 1))
+        if plan.estimates["guidance"] > plan.budget:
             log.warning("rgb-space guidance needs about %.1f GiB at %dx%d (budget %.1f GiB) and cannot be tiled; "
                         "it may run out of memory (latent space needs far less)",
                         plan.estimates["guidance"] / 2**30, pw, ph, plan.budget / 2**30)
 
-    out_pixels = max(h0 * w0, output_size[0] * output_size[1])
-    plan.estimates["post"] = POST_BYTES_PER_PIXEL * out_pixels
-    plan.post_on_cpu = device.type != "cpu" and plan.estimates["post"] > room
-    for name in ("encode", "decode", "sampling"):
-        if plan.untiled.get(name) == plan.estimates.get(name) or plan.untiled.get(name) == 0:
+    # the colour fix on the decoded (padded-size) image, then the resize to the output size
+    post_room = room - DECODED_BYTES_PER_PIXEL * ph * pw
+    plan.post_rows = post_rows_for(ph, pw, post_room)
+    resize = COND_BYTES_PER_PIXEL * output_size[0] * output_size[1] if tuple(output_size) != (h0, w0) else 0
+    plan.estimates["colour fix"] = (cond + DECODED_BYTES_PER_PIXEL * ph * pw
+                                    + max(post_peak_bytes(ph, pw, plan.post_rows), resize))
+    plan.untiled["colour fix"] = cond + DECODED_BYTES_PER_PIXEL * ph * pw + post_peak_bytes(ph, pw, None)
+    plan.post_on_cpu = device.type != "cpu" and plan.estimates["colour fix"] > plan.budget
+    plan.estimates["output"] = OUTPUT_BYTES_PER_PIXEL * max(h0 * w0, output_size[0] * output_size[1])
+    for name in ("encode", "decode", "sampling", "colour fix"):
+        if plan.untiled.get(name) == plan.estimates.get(name) or plan.untiled.get(name, 0) <= cond:
             plan.untiled.pop(name, None)
     return plan
+
+
+def post_rows_for(h: int, w: int, room: int) -> int | None:
+    """None when the whole-image colour fix fits `room`; else the tallest band of POST_BANDS that fits
+    (the smallest when none does)."""
+    if post_peak_bytes(h, w, None) <= room:
+        return None
+    bands = [r for r in POST_BANDS if r < h] or [POST_BANDS[-1]]
+    for rows in bands:
+        if post_peak_bytes(h, w, rows) <= room:
+            return rows
+    return bands[-1]
 
 
 def sample_tile_for(unet_config, h0: int, w0: int, room: int, *, batch: int = 1, dtype=torch.float32,
@@ -343,28 +411,85 @@ def sample_tile_for(unet_config, h0: int, w0: int, room: int, *, batch: int = 1,
 
 
 def vae_choice(vae_config, h: int, w: int, tiles, *, part: str, room: int, dtype=torch.float32,
-               device: torch.device | str = "cpu") -> VaeChoice:
-    """How to run the VAE over an h x w image within `room` bytes: the plain module if it fits, else
-    the exact tiled one, cheapest option first (module docstring); the leanest when nothing fits."""
+               device: torch.device | str = "cpu", spill: bool = True, host_room: int | None = None) -> VaeChoice:
+    """How to run the VAE over an h x w image within `room` bytes, cheapest first: the plain module;
+    the exact tiled one with its paused tiles in memory (on CUDA then in host memory), then recomputing
+    the inner ResNet activations; then (`spill`) the largest tile whose working set fits, keeping as
+    many paused tiles in memory as the rest of `room` holds and the others on disk. The leanest when
+    nothing fits. On CUDA, offloaded tiles beyond `host_room` go to disk."""
     device = torch.device(device)
-    untiled = vae_peak_bytes(vae_config, h, w, None, part=part, dtype=dtype, device=device)
+    cuda = device.type == "cuda"
+
+    def est(tile, recompute=False, offload=False, max_stored=None):
+        return vae_estimate(vae_config, h, w, tile, part=part, dtype=dtype, device=device, offload=offload,
+                            recompute=recompute, max_stored=max_stored)
+
+    untiled = est(None).peak
     if untiled <= room:
         return VaeChoice(estimate=untiled, untiled=untiled)
     side = max(h, w) if part == "encode" else max(h, w) // VAE_SCALE
     candidates = [t for t in tiles if t < side] or [tiles[-1]]
-    modes = [(False, False)] + ([(False, True)] if device.type == "cuda" else []) + [(True, False)]
-    modes += [(True, True)] if device.type == "cuda" else []
-    choice = None
+
+    def with_host(choice: VaeChoice, stored: int) -> VaeChoice:
+        """Offloaded tiles beyond host_room: on disk."""
+        if not choice.offload or host_room is None or stored <= host_room or not spill:
+            return choice
+        e = est(choice.tile, choice.recompute, True, max(0, host_room))
+        return VaeChoice(choice.tile, choice.recompute, True, choice.estimate, untiled, max(0, host_room), e.disk)
+
+    modes = [(False, False)] + ([(False, True)] if cuda else []) + [(True, False)] + ([(True, True)] if cuda else [])
     for recompute, offload in modes:
         for tile in candidates:
-            est = vae_peak_bytes(vae_config, h, w, tile, part=part, dtype=dtype, device=device,
-                                 offload=offload, recompute=recompute)
-            choice = VaeChoice(tile, recompute, offload, est, untiled)
-            if est <= room:
-                return choice
-    return choice
+            e = est(tile, recompute, offload)
+            if e.peak <= room:
+                return with_host(VaeChoice(tile, recompute, offload, e.peak, untiled), e.stored)
+    leanest = None
+    if spill:
+        for recompute in (False, True):
+            for tile in candidates:
+                floor = est(tile, recompute, cuda, 0)
+                if floor.peak <= room:
+                    limit = room - floor.peak if not cuda else (host_room if host_room is not None else None)
+                    e = est(tile, recompute, cuda, limit)
+                    return VaeChoice(tile, recompute, cuda, max(e.peak, floor.peak), untiled, limit, e.disk)
+                if leanest is None or floor.peak < leanest.estimate:
+                    leanest = VaeChoice(tile, recompute, cuda, floor.peak, untiled, 0, floor.disk)
+        return leanest
+    tile = candidates[-1]
+    e = est(tile, True, cuda)
+    return VaeChoice(tile, True, cuda, e.peak, untiled)
 
 
+# -- stage 1 ------------------------------------------------------------------------------------------------
+
+
+def stage1_floor(kind: str, pipeline: str, lq_size: tuple[int, int], upscale: float, *, scale: int = 1,
+                 dtype=torch.float32, multiple_of: int = 1, tile: int | None = None) -> int:
+    """Stage 1's leanest estimate for an lq_size = (h, w) input (`restorecli.stage1.run`'s geometry):
+    its smallest automatic tile (2 x the model's multiple), or the explicit `tile`, plus the image-sized
+    buffers. The model input is the pre-upscaled image (swinir: the condition size, padded to 64;
+    bsrnet: the input itself; generic: pre-upscaled by upscale / scale when that is above 1)."""
+    from ..stage1.run import SWINIR_MULTIPLE, condition_size, output_size_for
+
+    h, w = lq_size
+    out = output_size_for(h, w, upscale)
+    step, model_scale = 2 * SWINIR_MULTIPLE, 1
+    if pipeline == "swinir":
+        size = out if tile else condition_size(out)
+        size = size if tile else tuple(-(-s // SWINIR_MULTIPLE) * SWINIR_MULTIPLE for s in size)
+    elif pipeline == "scunet":
+        size = tuple(-(-s // SWINIR_MULTIPLE) * SWINIR_MULTIPLE for s in out)
+    elif pipeline == "bsrnet":
+        size, model_scale = (h, w), scale
+    else:
+        size, model_scale = (h, w), scale
+        if upscale > scale:
+            size = output_size_for(h, w, upscale / scale)
+        step = 2 * math.lcm(SWINIR_MULTIPLE, max(1, multiple_of))
+    in_h, in_w = size
+    if tile is None and min(in_h, in_w) >= step:
+        tile = step
+    return stage1_peak_bytes(kind, in_h, in_w, scale=model_scale, dtype=dtype, tile=tile)
 
 
 def smaller_vae_tile(tile: int | None, side: int, *, part: str) -> int | None:

@@ -1,55 +1,15 @@
 """Exact, seam-free tiled encode and decode for diffusers' ``AutoencoderKL`` (tiled == untiled).
 
-Why our own
------------
-The VAE's full-resolution feature maps dominate the memory of a large restoration, so the encoder and
-the decoder must run in tiles. The two tilers at hand both change the result:
-
-* diffusers' ``AutoencoderKL.enable_tiling`` runs the whole encoder or decoder on each overlapping tile
-  and cross-fades the overlaps. Every GroupNorm then normalises with the statistics of its own tile,
-  so neighbouring tiles disagree (visible seams, a colour shift per tile) and the blend only smears it.
-* The tiled VAE vendored by the official DiffBIR code (PIPELINE.md 8.3) is under a non-commercial
-  licence, and it still approximates: each GroupNorm uses a pixel-weighted average of per-tile
-  statistics, the mid-block attention runs per tile and tiles are hard-pasted.
-
-How ours is exact
------------------
-A convolution network is local except for two things: GroupNorm (its mean and variance are taken over
-the whole image) and the mid-block self-attention (every position attends to all others). Everything
-else - 3x3 and 1x1 convolutions, SiLU, nearest upsampling, the residual adds - only looks at a small
-neighbourhood. So the network is cut at every GroupNorm into *stages*. A stage is run tile by tile
-over the output grid; each tile reads its input region plus exactly the halo its convolutions need
-(derived from each convolution's kernel, stride and padding, not hard-coded), the image border gets
-the convolution's own zero padding, and the tile's core is stored. While a stage produces its tiles it
-also accumulates, per sample and channel, the count, mean and sum of squared deviations of its output
-(fp32 per tile, merged across tiles in float64 with Chan et al.'s parallel-variance update), which are
-then pooled into the GroupNorm groups. This is the "two-pass" idea for global GroupNorm statistics:
-the pass that produces a feature map collects its exact global moments, and the next pass normalises
-every tile with them - the same mean, the same biased variance and the same ``eps`` as
-``torch.nn.GroupNorm`` over the whole image, applied as ``x * (gamma * rstd) + (beta - mean * gamma *
-rstd)`` like torch's kernels. The mid-block attention runs untiled on the whole feature map at 1/8 scale
-(small: 256x256 latent pixels for a 2048x2048 image) through the module itself, so it is the same
-computation. Hence tiles agree to float rounding with the untiled network: there is nothing to blend
-and no seam to hide.
-
-Memory
-------
-Between two synchronisation points the paused tiles of a stage's output are the feature map itself:
-they are kept as separate tile tensors, on the device or (``offload=True``) in host memory, and each
-input tile is released as soon as the last output tile that reads it is done, so a stage whose input
-dies holds about max(input, output) rather than input + output. With offload the device holds only the
-model, one tile's working set, the 1/8-scale map of the attention and the caller's input and output
-tensors. ``recompute=True`` additionally does not store the inner activation of each ResNet block (it
-is recomputed from the block input, about +35% compute) so that host memory is about one feature map.
-:func:`estimate_peak_bytes` predicts the device peak for the automatic tile planner.
-
-Tile sizes
-----------
-``tile_size`` is in image pixels for :func:`tiled_encode` and in latent pixels for
-:func:`tiled_decode`. It fixes the tile side at the full-resolution stages; lower-resolution stages,
-which have more channels and fewer pixels, use square tiles with the same element budget
-(side * sqrt(C_full / C_stage)), so the per-tile working set is the same everywhere and small stages
-are not cut into many tiny tiles. An input that fits into one tile runs the plain untiled modules.
+The VAE's full-resolution feature maps dominate a large restoration's memory, and the tilers at hand
+change the result (diffusers' ``enable_tiling`` normalises every tile with its own GroupNorm
+statistics and blends the seams; the official DiffBIR tiled VAE averages per-tile statistics). Here
+the network is cut at every GroupNorm into stages run tile by tile with exactly the halo their
+convolutions need; each stage collects the exact moments of its whole output while producing it, and
+the next normalises every tile with them, so tiles agree with the untiled network to float rounding.
+The mid-block attention runs on the whole 1/8-scale map. Between stages the paused tiles wait on the
+device, in host memory (`offload`), or, beyond `max_stored_bytes`, in temporary files (read back through
+short-lived memory maps), so memory need not hold whole feature maps. docs/memory.md explains the
+algorithm, the memory model behind :func:`estimate` and the measurements.
 """
 
 from __future__ import annotations
@@ -57,8 +17,13 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import mmap
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,11 +32,16 @@ from torch import nn
 logger = logging.getLogger("restorecli.vae")
 
 __all__ = [
+    "SpillError",
     "UnsupportedVAEError",
-    "tiled_encode",
-    "tiled_decode",
+    "VaeEstimate",
+    "check_spill_space",
+    "default_spill_dir",
+    "estimate",
     "estimate_peak_bytes",
     "posterior_mode",
+    "tiled_decode",
+    "tiled_encode",
 ]
 
 DEFAULT_ENCODE_TILE = 512  # image pixels
@@ -519,24 +489,152 @@ class _FullMap:
         self.t = None  # type: ignore[assignment]
 
 
-class _TiledMap:
-    """A feature map kept as one tensor per grid cell (on the compute device or offloaded)."""
+class SpillError(OSError):
+    """The paused feature maps that do not fit in memory cannot go to disk either (no room, unwritable)."""
 
-    def __init__(self, shape, grid: _Grid, device: torch.device, counter: _Counter):
+
+#: Free disk kept beyond the estimated spill, and the estimate's margin.
+SPILL_MARGIN_BYTES = 64 << 20
+SPILL_MARGIN = 1.1
+_PAGE = 4096
+
+
+def default_spill_dir() -> Path:
+    """Where paused tiles go by default: ``tmp/`` in restorecli's own folder ($RESTORE_HOME), a disk
+    (the system temporary folder is often a RAM-backed tmpfs, which would defeat the point)."""
+    from ..weights import weights_home
+
+    return weights_home() / "tmp"
+
+
+class _Spill:
+    """Paused tiles beyond `limit` bytes of memory, in temporary files under a private folder of `root`.
+
+    One file per feature map, tiles appended at page-aligned offsets; a region is read back through a
+    memory map of just the tile it lies in, unmapped once copied, so only the pages a read touches are
+    resident and only while it copies (a long-lived mapping would keep every page it ever touched in the
+    resident set). A map's file is closed, and its space returned, when the map is dropped. `close()`
+    (the engine calls it in a ``finally``: errors and Ctrl-C too) closes every file and removes the
+    folder; on POSIX each file is unlinked the moment it is created, so not even a killed process
+    leaves data behind.
+    """
+
+    def __init__(self, root: str | os.PathLike, limit: int):
+        self.root = Path(root)
+        self.limit = max(0, int(limit))
+        self.folder: str | None = None
+        self.files: list[_SpillFile] = []
+        self.live = 0  # bytes in open files
+        self.peak = 0
+        self.written = 0
+
+    def open(self) -> "_SpillFile":
+        try:
+            if self.folder is None:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self.folder = tempfile.mkdtemp(prefix="restorecli-vae-", dir=self.root)
+            f = tempfile.TemporaryFile(dir=self.folder, buffering=0)
+        except OSError as e:
+            raise SpillError(f"cannot create the tiled VAE's temporary file in {self.root}: {e.strerror or e}") from e
+        sf = _SpillFile(self, f)
+        self.files.append(sf)
+        return sf
+
+    def grow(self, n: int) -> None:
+        self.live += n
+        self.written += n
+        self.peak = max(self.peak, self.live)
+
+    def close(self) -> None:
+        for sf in self.files:
+            sf.close()
+        self.files.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+class _SpillFile:
+    """The spilled tiles of one feature map: {cell: (offset, shape, dtype)} in one temporary file."""
+
+    def __init__(self, spill: _Spill, f):
+        self.spill = spill
+        self.f = f
+        self.end = 0
+        self.tiles: dict[tuple[int, int], tuple[int, tuple[int, ...], torch.dtype]] = {}
+
+    def put(self, ij, x: torch.Tensor) -> None:
+        data = x.detach().to("cpu").contiguous()
+        raw = data.reshape(-1).view(torch.uint8).numpy()
+        offset = self.end
+        try:
+            self.f.seek(offset)
+            view = memoryview(raw)
+            while view.nbytes:
+                view = view[self.f.write(view):]
+        except OSError as e:
+            raise SpillError(f"cannot write the tiled VAE's paused tiles to {self.spill.root}: "
+                             f"{e.strerror or e}; free disk space there or raise --max-memory") from e
+        n = raw.nbytes
+        self.end = offset + -(-n // _PAGE) * _PAGE
+        self.spill.grow(self.end - offset)
+        self.tiles[ij] = (offset, tuple(data.shape), data.dtype)
+
+    def __contains__(self, ij) -> bool:
+        return ij in self.tiles
+
+    def copy_region(self, ij, rows: slice, cols: slice, out: torch.Tensor) -> None:
+        """out.copy_(tile[:, :, rows, cols]) through a memory map of that tile alone, unmapped at once."""
+        offset, shape, dtype = self.tiles[ij]
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(self.f.fileno(), n + offset - start, offset=start, access=mmap.ACCESS_COPY)
+        try:
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=offset - start)
+            out.copy_(raw.view(dtype).view(shape)[:, :, rows, cols])
+            del raw
+        finally:
+            mm.close()
+
+    def drop(self, ij) -> None:
+        self.tiles.pop(ij, None)
+        if not self.tiles:
+            self.close()
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+            self.spill.live -= self.end
+            self.end = 0
+
+
+class _TiledMap:
+    """A feature map kept as one tensor per grid cell: on the compute device, offloaded to host memory,
+    or (beyond the spill's memory limit) in a temporary file."""
+
+    def __init__(self, shape, grid: _Grid, device: torch.device, counter: _Counter, spill: _Spill | None = None):
         self.shape = shape
         self.grid = grid
         self.device = device
         self.counter = counter
+        self.spill = spill
+        self.disk: _SpillFile | None = None
         self.tiles: dict[tuple[int, int], torch.Tensor] = {}
 
     def put_tile(self, ij, x: torch.Tensor) -> None:
+        n = x.numel() * x.element_size()
+        if self.spill is not None and self.counter.live + n > self.spill.limit:
+            if self.disk is None or self.disk.f.closed:
+                self.disk = self.spill.open()
+            self.disk.put(ij, x)
+            return
         x = x.to(self.device)
         self.tiles[ij] = x
-        self.counter.add(x.numel() * x.element_size())
+        self.counter.add(n)
 
     def read(self, r, c, device, dtype) -> torch.Tensor:
         parts = self.grid.covering(r, c)
-        if len(parts) == 1:
+        if len(parts) == 1 and parts[0][0] in self.tiles:
             ij, _, _ = parts[0]
             (r0, _), (c0, _) = self.grid.rows[ij[0]], self.grid.cols[ij[1]]
             t = self.tiles[ij][:, :, r[0] - r0 : r[1] - r0, c[0] - c0 : c[1] - c0]
@@ -548,17 +646,25 @@ class _TiledMap:
     def read_into(self, r, c, out: torch.Tensor, parts=None) -> None:
         for ij, (a, b), (cc, d) in parts or self.grid.covering(r, c):
             (r0, _), (c0, _) = self.grid.rows[ij[0]], self.grid.cols[ij[1]]
-            src = self.tiles[ij][:, :, a - r0 : b - r0, cc - c0 : d - c0]
-            out[:, :, a - r[0] : b - r[0], cc - c[0] : d - c[0]].copy_(src)
+            rows, cols = slice(a - r0, b - r0), slice(cc - c0, d - c0)
+            dst = out[:, :, a - r[0] : b - r[0], cc - c[0] : d - c[0]]
+            if ij in self.tiles:
+                dst.copy_(self.tiles[ij][:, :, rows, cols])
+            else:
+                self.disk.copy_region(ij, rows, cols, dst)
 
     def drop(self, ij) -> None:
         t = self.tiles.pop(ij, None)
         if t is not None:
             self.counter.sub(t.numel() * t.element_size())
+        elif self.disk is not None and ij in self.disk:
+            self.disk.drop(ij)
 
     def drop_all(self) -> None:
         for ij in list(self.tiles):
             self.drop(ij)
+        if self.disk is not None:
+            self.disk.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -567,8 +673,9 @@ class _TiledMap:
 
 
 class _Engine:
-    def __init__(self, prog: _Program, grids, *, device, dtype, store_device, shapes):
+    def __init__(self, prog: _Program, grids, *, device, dtype, store_device, shapes, spill: _Spill | None = None):
         self.prog = prog
+        self.spill = spill
         self.grids = grids
         self.device = device
         self.dtype = dtype
@@ -591,6 +698,13 @@ class _Engine:
         return self.affines[key]
 
     def run(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        try:
+            return self._run(x, batch)
+        finally:
+            if self.spill is not None:
+                self.spill.close()
+
+    def _run(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         maps: dict[str, Any] = {self.prog.input_key: _FullMap(x)}
         for i, st in enumerate(self.prog.stages):
             last = i == len(self.prog.stages) - 1
@@ -601,7 +715,7 @@ class _Engine:
                 if last:
                     target = _FullMap(torch.empty((batch, c, h, w), device=self.device, dtype=self.dtype))
                 elif st.store:
-                    target = _TiledMap((batch, c, h, w), self.grids[(h, w)], self.store_device, self.counter)
+                    target = _TiledMap((batch, c, h, w), self.grids[(h, w)], self.store_device, self.counter, self.spill)
                 else:
                     target = None
                 out = self._chain(st, maps, target, i)
@@ -610,7 +724,8 @@ class _Engine:
             for k in {st.src, st.residual} - {None}:
                 if self.last_use[k] == i and k != self.prog.input_key:
                     maps.pop(k).drop_all()
-            logger.debug("%s done; stored %.1f MiB", st.name, self.counter.live / 2**20)
+            logger.debug("%s done; stored %.1f MiB in memory, %.1f MiB on disk", st.name, self.counter.live / 2**20,
+                         self.spill.live / 2**20 if self.spill is not None else 0.0)
         return maps[self.prog.output_key].t
 
     def _global(self, st: _Stage, maps) -> _FullMap:
@@ -748,6 +863,26 @@ def _resolve_offload(offload: bool | None, device: torch.device, est_bytes: int)
     return est_bytes > 0.5 * free
 
 
+def check_spill_space(folder: str | os.PathLike, need: int) -> None:
+    """SpillError unless `folder` (created if missing) has room for `need` bytes of paused tiles, with
+    SPILL_MARGIN and SPILL_MARGIN_BYTES to spare."""
+    if need <= 0:
+        return
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        raise SpillError(f"cannot use {folder} for the tiled VAE's temporary files: {e.strerror or e}") from e
+    want = int(need * SPILL_MARGIN) + SPILL_MARGIN_BYTES
+    if free < want:
+        raise SpillError(
+            f"the tiled VAE needs about {want / 2**30:.1f} GiB of free disk in {folder} for the feature maps "
+            f"that do not fit in memory, and {free / 2**30:.1f} GiB is free; free some space, set RESTORE_HOME "
+            "to a larger disk or raise --max-memory",
+        )
+
+
 def _run(
     vae: nn.Module,
     x: torch.Tensor,
@@ -756,22 +891,30 @@ def _run(
     offload: bool | None,
     info: dict | None,
     what: str,
+    max_stored_bytes: int | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> torch.Tensor:
     device, dtype = _vae_device_dtype(vae)
     bsz, c, h, w = x.shape
     shapes = _infer_shapes(prog, (c, h, w))
     grids = _plan_grids(shapes, top_tile)
     elem = torch.empty((), dtype=dtype).element_size()
-    stored_est = _simulate(prog, shapes, grids, elem, bsz, offload=False)[1]
+    stored_est = _simulate(prog, shapes, grids, elem, bsz, offload=False).stored
     use_offload = _resolve_offload(offload, device, stored_est) and device.type != "cpu"
     store_device = torch.device("cpu") if use_offload else device
+    spill = None
+    if max_stored_bytes is not None:
+        folder = Path(spill_dir) if spill_dir is not None else default_spill_dir()
+        disk = _simulate(prog, shapes, grids, elem, bsz, offload=use_offload, store_limit=max_stored_bytes).disk
+        check_spill_space(folder, disk)
+        spill = _Spill(folder, max_stored_bytes)
     logger.debug(
-        "tiled %s %dx%d: %s; offload=%s (stored maps ~%.0f MiB)",
+        "tiled %s %dx%d: %s; offload=%s (stored maps ~%.0f MiB, at most %s in memory)",
         what, h, w,
         ", ".join(f"{hw[0]}x{hw[1]}: {len(g.rows)}x{len(g.cols)}" for hw, g in grids.items()),
-        use_offload, stored_est / 2**20,
+        use_offload, stored_est / 2**20, "all" if spill is None else f"{spill.limit / 2**20:.0f} MiB",
     )
-    eng = _Engine(prog, grids, device=device, dtype=dtype, store_device=store_device, shapes=shapes)
+    eng = _Engine(prog, grids, device=device, dtype=dtype, store_device=store_device, shapes=shapes, spill=spill)
     y = eng.run(x, bsz)
     if info is not None:
         info.update(
@@ -780,6 +923,8 @@ def _run(
             stages=len(prog.stages),
             grids={hw: (len(g.rows), len(g.cols)) for hw, g in grids.items()},
             peak_stored_bytes=eng.counter.peak,
+            spilled_bytes=spill.written if spill is not None else 0,
+            peak_disk_bytes=spill.peak if spill is not None else 0,
         )
     return y
 
@@ -792,6 +937,8 @@ def tiled_encode(
     tile_size: int = DEFAULT_ENCODE_TILE,
     offload: bool | None = None,
     recompute: bool = False,
+    max_stored_bytes: int | None = None,
+    spill_dir: str | os.PathLike | None = None,
     return_mode: bool = False,
     info: dict | None = None,
 ) -> torch.Tensor:
@@ -799,7 +946,7 @@ def tiled_encode(
 
     Returns the posterior moments (B, 2 * latent_channels, h, w) = quant_conv(encoder(x)) (wrap them in
     diffusers' ``DiagonalGaussianDistribution`` if needed), or with ``return_mode=True`` the posterior mode
-    (the mean, the first half of the channels; PIPELINE.md 4.1). The latent scale factor is the caller's.
+    (the mean, the first half of the channels). The latent scale factor is the caller's.
 
     tile_size: tile side in image pixels at the full-resolution stages (any H, W are fine; multiples of
         8 waste least). An image with H, W <= tile_size runs the plain untiled modules.
@@ -807,7 +954,12 @@ def tiled_encode(
         when they would take more than half of the free CUDA memory). No effect on CPU.
     recompute: recompute each ResNet block's inner activation instead of storing it (less memory,
         about +35% time).
-    info: if a dict is given, it is filled with what was done (grids, stages, peak stored bytes).
+    max_stored_bytes: keep at most this many bytes of paused tiles in memory (device, or host with
+        offload); the rest go to temporary files in `spill_dir` (default: ``$RESTORE_HOME/tmp``), whose
+        free space is checked first (SpillError) and which are removed afterwards, also on errors.
+        None: everything in memory. The result is the same either way.
+    info: if a dict is given, it is filled with what was done (grids, stages, peak stored bytes, bytes
+        spilled to disk).
     """
     _check_input("x", x, vae.encoder.conv_in.in_channels, tile_size)
     device, dtype = _vae_device_dtype(vae)
@@ -816,10 +968,10 @@ def tiled_encode(
         if vae.quant_conv is not None:
             moments = vae.quant_conv(moments)
         if info is not None:
-            info.update(fast_path=True)
+            info.update(fast_path=True, spilled_bytes=0)
     else:
         prog = _compile_encoder(vae, recompute)
-        moments = _run(vae, x, prog, int(tile_size), offload, info, "encode")
+        moments = _run(vae, x, prog, int(tile_size), offload, info, "encode", max_stored_bytes, spill_dir)
     return posterior_mode(moments) if return_mode else moments
 
 
@@ -831,15 +983,17 @@ def tiled_decode(
     tile_size: int = DEFAULT_DECODE_TILE,
     offload: bool | None = None,
     recompute: bool = False,
+    max_stored_bytes: int | None = None,
+    spill_dir: str | os.PathLike | None = None,
     info: dict | None = None,
 ) -> torch.Tensor:
     """Decode latents z (B, latent_channels, h, w), already divided by the scale factor, to images.
 
-    Equal to ``decoder(post_quant_conv(z))`` (PIPELINE.md 9.1), in the VAE's dtype; no clamping.
+    Equal to ``decoder(post_quant_conv(z))``, in the VAE's dtype; no clamping.
 
     tile_size: tile side in latent pixels (x8 image pixels at the full-resolution stages). Latents with
         h, w <= tile_size run the plain untiled modules.
-    offload, recompute, info: as in :func:`tiled_encode`.
+    offload, recompute, max_stored_bytes, spill_dir, info: as in :func:`tiled_encode`.
     """
     _check_input("z", z, vae.decoder.conv_in.in_channels, tile_size)
     device, dtype = _vae_device_dtype(vae)
@@ -848,11 +1002,11 @@ def tiled_decode(
         if vae.post_quant_conv is not None:
             z = vae.post_quant_conv(z)
         if info is not None:
-            info.update(fast_path=True)
+            info.update(fast_path=True, spilled_bytes=0)
         return vae.decoder(z)
     prog = _compile_decoder(vae, recompute)
     scale = _upscale(prog, z.shape[-2:])
-    return _run(vae, z, prog, int(tile_size) * scale, offload, info, "decode")
+    return _run(vae, z, prog, int(tile_size) * scale, offload, info, "decode", max_stored_bytes, spill_dir)
 
 
 def _upscale(prog: _Program, hw) -> int:
@@ -904,6 +1058,8 @@ def _chain_working_set(st: _Stage, plan, shapes, elem: int, core: tuple[int, int
                 spikes.append((seq[-1] if seq else 0) + n_in + n_in * lay.up * lay.up + n_buf)
             if lay.norm is not None and elem < 4:
                 spikes.append((seq[-1] if seq else 0) + n_buf + 2 * (n_buf // elem) * 4)
+            if lay.s != (1, 1):  # oneDNN reorders a strided convolution's input into a blocked copy
+                spikes.append(2 * n_buf + n_out)
             seq.append(n_buf)
         seq.append(n_out)
     if st.residual is not None:
@@ -922,8 +1078,17 @@ def _attn_working_set(c: int, h: int, w: int, elem: int, bsz: int) -> int:
     return 7 * bsz * c * h * w * elem
 
 
-def _simulate(prog: _Program, shapes, grids, elem: int, bsz: int, *, offload: bool, untiled: bool = False):
-    """(peak device bytes, peak stored-map bytes) of a run, by walking the stages."""
+class _Sim(NamedTuple):
+    dev: int  # peak device bytes (on the CPU: all of it)
+    stored: int  # peak bytes of paused tiles held in memory (device, or host with offload)
+    disk: int  # peak bytes of paused tiles in temporary files
+
+
+def _simulate(prog: _Program, shapes, grids, elem: int, bsz: int, *, offload: bool, untiled: bool = False,
+              store_limit: int | None = None) -> _Sim:
+    """Peaks of a run, by walking the stages. With `store_limit`, paused tiles beyond it are on disk:
+    memory holds at most that much of them (plus one spilled tile mapped while it is read), and the
+    disk holds the rest as whole maps (a map's file is freed when the map dies)."""
     last_use: dict[str, int] = {}
     for i, st in enumerate(prog.stages):
         for k in (st.src, st.residual):
@@ -936,7 +1101,7 @@ def _simulate(prog: _Program, shapes, grids, elem: int, bsz: int, *, offload: bo
 
     in_bytes = nbytes(prog.input_key)
     alive: dict[str, int] = {}
-    peak_dev = peak_store = 0
+    peak_dev = peak_store = peak_disk = 0
     for i, st in enumerate(prog.stages):
         last = i == len(prog.stages) - 1
         c, h, w = shapes[st.key]
@@ -944,15 +1109,16 @@ def _simulate(prog: _Program, shapes, grids, elem: int, bsz: int, *, offload: bo
         out_b = nbytes(st.key) if (st.store and not last) else 0
         dying = sum(alive[k] for k in {st.src, st.residual} - {None} if k in alive and last_use[k] == i)
         others = sum(alive.values())
+        mapped = 0  # a spilled tile mapped while it is copied out
         if st.attn is not None:
             stored = others + out_b
-            dev = fixed + _attn_working_set(c, h, w, elem, bsz) + (0 if offload else stored)
+            ws = _attn_working_set(c, h, w, elem, bsz)
         elif untiled:
             # the untiled forward: the source map is the "tile"; the output replaces it
             plan = _regions(st.layers, _layer_inputs(st, shapes), ((0, h), (0, w)))
             ws = bsz * _chain_working_set(st, plan, shapes, elem, (h, w), untiled=True)
             stored = others
-            dev = fixed + ws + others - alive.get(st.src, 0)  # the source is the held input in ws
+            ws -= alive.get(st.src, 0)  # the source is the held input in ws
         else:
             g = grids[(h, w)]
             # an interior cell: the largest halo
@@ -960,18 +1126,29 @@ def _simulate(prog: _Program, shapes, grids, elem: int, bsz: int, *, offload: bo
             plan = _regions(st.layers, _layer_inputs(st, shapes), (g.rows[ri], g.cols[ci]))
             core = (g.rows[ri][1] - g.rows[ri][0], g.cols[ci][1] - g.cols[ci][0])
             ws = bsz * _chain_working_set(st, plan, shapes, elem, core, untiled=False)
-            # input tiles are released as the output fills, about one tile row late
+            # input tiles are released as the output fills: input row k once output row k + 1 (whose halo
+            # reads it) is done, so with R rows up to (R + 2) / R of a map is alive
             rows = len(g.rows)
-            stored = others - dying + max(dying + out_b / rows, out_b + dying / rows)
-            dev = fixed + ws + (0 if offload else stored)
-        peak_store = max(peak_store, stored)
+            stored = others - dying + min(dying + out_b, max(dying + 2 * out_b / rows, out_b + 2 * dying / rows))
+            if st.src in alive:
+                sc, sh, sw = shapes[st.src]
+                sg = grids[(sh, sw)]
+                mapped = bsz * sc * (sg.rows[0][1] - sg.rows[0][0]) * (sg.cols[0][1] - sg.cols[0][0]) * elem
+        in_mem = stored
+        if store_limit is not None and not untiled:
+            in_mem = min(stored, store_limit)
+            if stored > store_limit:
+                ws += mapped
+                peak_disk = max(peak_disk, others + out_b - store_limit)
+        dev = fixed + ws + (0 if offload else in_mem)
+        peak_store = max(peak_store, in_mem)
         peak_dev = max(peak_dev, dev)
         for k in {st.src, st.residual} - {None}:
             if k in alive and last_use[k] == i:
                 del alive[k]
         if out_b:
             alive[st.key] = out_b
-    return int(peak_dev), int(peak_store)
+    return _Sim(int(peak_dev), int(peak_store), int(max(peak_disk, 0)))
 
 
 _META_CACHE: dict[str, nn.Module] = {}
@@ -991,7 +1168,16 @@ def _meta_vae(vae_config) -> nn.Module:
     return _META_CACHE[key]
 
 
-def estimate_peak_bytes(
+class VaeEstimate(NamedTuple):
+    """`peak`: device bytes (activations, input and output; on the CPU the paused tiles kept in memory
+    too); `stored`: paused tiles kept in memory; `disk`: paused tiles in temporary files."""
+
+    peak: int
+    stored: int
+    disk: int
+
+
+def estimate(
     vae_config,
     h: int,
     w: int,
@@ -1001,16 +1187,12 @@ def estimate_peak_bytes(
     part: str = "decode",
     offload: bool = False,
     recompute: bool = False,
+    max_stored_bytes: int | None = None,
     batch: int = 1,
-) -> int:
-    """Estimated peak device memory, in bytes, of encoding or decoding an h x w (image pixels) image.
+) -> VaeEstimate:
+    """Estimated peaks of encoding or decoding an h x w (image pixels) image (see `estimate_peak_bytes`).
 
-    Activations only (excluding the VAE's parameters), with the caller's input and output tensors.
-    ``vae_config`` is an AutoencoderKL config (dict / FrozenDict) or the model itself. ``tile`` is
-    tiled_encode's or tiled_decode's ``tile_size`` (pixels for part="encode", latent pixels for
-    part="decode"), or None for the untiled module. Without offload the stored feature maps count;
-    with offload only the tile working set, the 1/8-scale attention and the input/output do.
-    A model of the allocations, not a measurement: expect it within about +-30%.
+    `max_stored_bytes` as in :func:`tiled_encode`: paused tiles beyond it count on disk, not in memory.
     """
     if part not in ("encode", "decode"):
         raise ValueError(f"`part` must be 'encode' or 'decode', got {part!r}")
@@ -1030,4 +1212,32 @@ def estimate_peak_bytes(
         prog = _compile_encoder(vae, False) if part == "encode" else _compile_decoder(vae, False)
     shapes = _infer_shapes(prog, in_shape)
     grids = {} if untiled else _plan_grids(shapes, top)
-    return _simulate(prog, shapes, grids, elem, batch, offload=offload and not untiled, untiled=untiled)[0]
+    sim = _simulate(prog, shapes, grids, elem, batch, offload=offload and not untiled, untiled=untiled,
+                    store_limit=None if untiled else max_stored_bytes)
+    return VaeEstimate(sim.dev, sim.stored, sim.disk)
+
+
+def estimate_peak_bytes(
+    vae_config,
+    h: int,
+    w: int,
+    tile: int | None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    part: str = "decode",
+    offload: bool = False,
+    recompute: bool = False,
+    max_stored_bytes: int | None = None,
+    batch: int = 1,
+) -> int:
+    """Estimated peak device memory, in bytes, of encoding or decoding an h x w (image pixels) image.
+
+    Activations only (excluding the VAE's parameters), with the caller's input and output tensors.
+    ``vae_config`` is an AutoencoderKL config (dict / FrozenDict) or the model itself. ``tile`` is
+    tiled_encode's or tiled_decode's ``tile_size`` (pixels for part="encode", latent pixels for
+    part="decode"), or None for the untiled module. Without offload the stored feature maps count (at
+    most `max_stored_bytes` of them); with offload only the tile working set, the 1/8-scale attention
+    and the input/output do. A model of the allocations, not a measurement: expect it within about +-30%.
+    """
+    return estimate(vae_config, h, w, tile, dtype, part=part, offload=offload, recompute=recompute,
+                    max_stored_bytes=max_stored_bytes, batch=batch).peak
