@@ -3,16 +3,16 @@
     python benchmarks/gpu_check.py                       # on a CUDA machine: everything, at most ~8 minutes
     python benchmarks/gpu_check.py --device cpu --quick  # the cases part only, bf16 vs fp32 on the CPU
 
-Parts, in this order (each is skipped with a note once `--budget` seconds have passed):
+Parts, in this order (a part that would end after `--budget` seconds is skipped, with a row saying so):
 
 1. cases: every CLI case of ../shared/reference/cases.json (tiny models) through the real CLI on the
    device, once in fp32 and once in the half dtype (fp16 on CUDA; bf16 on the CPU, where fp16 has no
    kernels); PSNR of the half output against the fp32 one, and of the fp32 output against the official
    CPU golden image.
 2. the v2.1 default restoration (sr x4, 128x128 -> 512x512, edm_dpm++_3m_sde, 10 steps, cfg 6, the
-   official prompts) on the FULL-SIZE architecture with random weights (benchmarks/common.py), fp16,
-   warm (second run): cond + uncond batched (the CUDA default) and unbatched; PSNR of fp16 vs an fp32
-   pipeline with the same weights.
+   official prompts) on the FULL-SIZE architecture with random weights (benchmarks/common.py): once in
+   fp32 (cold), then the same pipeline converted to fp16, warm (second run), cond + uncond batched
+   (the CUDA default) and unbatched; PSNR of fp16 against fp32 (same weights).
 3. peak device memory (torch.cuda.max_memory_allocated, weights included) at 2048x2048 and 4096x4096
    outputs with the planner's automatic tiles, and 4096x4096 under --max-memory 10GB (1 step each:
    steps do not change the peak).
@@ -53,10 +53,11 @@ class Table:
         self.rows.append((check, config, result))
         print(f"  {check} | {config} | {result}", flush=True)
 
-    def out_of_time(self, check: str) -> bool:
+    def out_of_time(self, check: str, need: float = 10.0) -> bool:
+        """True (and a row saying so) when `need` more seconds would overrun the budget."""
         spent = time.perf_counter() - self.start
-        if spent > self.budget:
-            self.add(check, "skipped", f"the {self.budget:.0f} s budget was spent ({spent:.0f} s)")
+        if spent + need > self.budget:
+            self.add(check, "skipped", f"{spent:.0f} s spent, about {need:.0f} s more needed, budget {self.budget:.0f} s")
             return True
         return False
 
@@ -77,7 +78,7 @@ def psnr_u8(a, b) -> float:
 
 def psnr_unit(a, b) -> float:
     """PSNR of two float tensors in [0, 1] (clipped)."""
-    mse = float(((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2).mean())
+    mse = float(((a.float().cpu().clamp(0, 1) - b.float().cpu().clamp(0, 1)) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
@@ -112,7 +113,7 @@ def check_cases(table: Table, device: str, half: str, only: set[str] | None) -> 
             for case in cases:
                 if only and case["name"] not in only:
                     continue
-                if table.out_of_time(f"case {case['name']}"):
+                if table.out_of_time(f"case {case['name']}", need=5):
                     return
                 outs, seconds = {}, {}
                 for precision in ("fp32", half):
@@ -147,63 +148,76 @@ def _v21_call(size: int, steps: int = 10, **extra) -> tuple:
     return lq, call
 
 
-def _timed(pipe, lq, call, device: str) -> tuple[object, Peak]:
+def _timed(pipe, lq, call, device: str):
+    """(output, Peak) of one restoration."""
     with Peak(device) as p:
         out = pipe(lq, **call)
     return out, p
 
 
-def check_full_size(table: Table, device: str, *, steps: int, skip_compile: bool, skip_fp32: bool) -> None:
+def check_full_size(table: Table, device: str, *, steps: int, skip_compile: bool, skip_fp32: bool,
+                    dry_run: bool = False) -> None:
+    """Parts 2-4 on one pipeline: built in float32 (one fp32 run when asked), then converted to fp16.
+    `dry_run`: the tiny reference model instead, 512² only, bf16 on a CPU (checks this script)."""
     import torch
 
     from common import full_size_pipeline
     from restorecli.pipeline.loading import prepare_for_speed
 
-    if table.out_of_time("full-size v2.1"):
+    if table.out_of_time("full-size v2.1", need=60):
         return
     t0 = time.perf_counter()
-    pipe = full_size_pipeline("v2.1", device=device, dtype=torch.float16)
-    prepare_for_speed(pipe, torch.device(device))
-    table.add("full-size v2.1 build", "random weights, fp16", f"{time.perf_counter() - t0:.0f} s")
-    lq, call = _v21_call(512, steps)
+    if dry_run:
+        from restorecli import DiffBIRPipeline
 
-    def warm(label: str, batch_cfg: bool | None):
-        pipe.batch_cfg = batch_cfg
-        first_out, first = _timed(pipe, lq, call, device)
-        out, p = _timed(pipe, lq, call, device)
-        finite = bool(torch.isfinite(out.images).all())
-        table.add("512² v2.1 defaults, warm", label,
-                  f"{p.seconds:.2f} s (first {first.seconds:.1f} s), peak {p.total / GiB:.1f} GiB, finite {finite}")
-        return out
+        pipe = DiffBIRPipeline.from_description(REFERENCE / "model_v.json", device=device, dtype=torch.float32)
+    else:
+        pipe = full_size_pipeline("v2.1", device=device, dtype=torch.float32)
+    half = torch.float16 if device.startswith("cuda") else torch.bfloat16
+    name = str(half).removeprefix("torch.")
+    prepare_for_speed(pipe, torch.device(device))
+    table.add("full-size v2.1 build" if not dry_run else "tiny model (dry run)", "random weights",
+              f"{time.perf_counter() - t0:.0f} s")
+    lq, call = _v21_call(512, steps)
+    out32 = None
+    if not skip_fp32 and not table.out_of_time("512² fp32", need=30):
+        out32, p32 = _timed(pipe, lq, call, device)
+        table.add("512² v2.1 defaults", "fp32 (cold, for the PSNR below)", f"{p32.seconds:.1f} s")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its note on casting with to(): these models keep nothing in fp32
+    for module in (pipe.unet, pipe.controlnet, pipe.vae, pipe.text_encoder):
+        module.to(half)
+    pipe._prompt_cache.clear()  # encode the prompts again with the half-precision text encoder
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
     fp16_out = None
-    for label, batch in (("fp16, cfg batched (default)", None), ("fp16, cfg unbatched", False)):
-        if table.out_of_time(f"512² {label}"):
+    for label, batch in ((f"{name}, cfg batched (the CUDA default)", None), (f"{name}, cfg unbatched", False)):
+        if table.out_of_time(f"512² {label}", need=20):
             return
+        pipe.batch_cfg = batch
         try:
-            out = warm(label, batch)
-            fp16_out = fp16_out if fp16_out is not None else out
+            _, first = _timed(pipe, lq, call, device)
+            out, p = _timed(pipe, lq, call, device)
+            finite = bool(torch.isfinite(out.images).all())
+            note = ""
+            if batch is None:
+                fp16_out = out
+                if out32 is not None:
+                    note = f"; PSNR vs fp32 (same weights) {_db(psnr_unit(out.images, out32.images))}"
+            table.add("512² v2.1 defaults, warm", label, f"{p.seconds:.2f} s (first {first.seconds:.1f} s), "
+                      f"peak {p.total / GiB:.1f} GiB, finite {finite}{note}")
         except Exception as exc:  # noqa: BLE001 - reported in the table
             table.add("512² v2.1 defaults, warm", label, f"error: {exc!r}"[:200])
     pipe.batch_cfg = None
+    del out32
 
-    if not skip_fp32 and fp16_out is not None and not table.out_of_time("512² fp16 vs fp32"):
-        try:
-            pipe32 = full_size_pipeline("v2.1", device=device, dtype=torch.float32)
-            prepare_for_speed(pipe32, torch.device(device))
-            out32, p32 = _timed(pipe32, lq, call, device)
-            table.add("512² v2.1 defaults", "fp16 vs fp32 (same random weights)",
-                      f"PSNR {_db(psnr_unit(fp16_out.images, out32.images))}; fp32 run {p32.seconds:.1f} s (cold)")
-            del pipe32, out32
-        except Exception as exc:  # noqa: BLE001
-            table.add("512² v2.1 defaults", "fp16 vs fp32", f"error: {exc!r}"[:200])
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-
-    for size, cap in ((2048, None), (4096, None), (4096, 10 * GiB)):
+    big = ((512, None, 30), (512, 2 * GiB, 30)) if dry_run else ((2048, None, 30), (4096, None, 90), (4096, 10 * GiB, 120))
+    for size, cap, need in big:
         label = f"{size}², " + ("automatic tiles" if cap is None else f"--max-memory {cap / GiB:.0f}GB")
-        if table.out_of_time(f"peak at {label}"):
-            return
+        if table.out_of_time(f"peak at {label}", need=need):
+            continue
         lq_big, call_big = _v21_call(size, 1, **({} if cap is None else {"max_memory": cap}))
         try:
             out, p = _timed(pipe, lq_big, call_big, device)
@@ -215,17 +229,17 @@ def check_full_size(table: Table, device: str, *, steps: int, skip_compile: bool
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    if skip_compile or table.out_of_time("512² --compile"):
+    if skip_compile or table.out_of_time("512² --compile", need=150):
         return
     try:
         prepare_for_speed(pipe, torch.device(device), compile=True)
-        first_out, first = _timed(pipe, lq, call, device)
+        _, first = _timed(pipe, lq, call, device)
         out, p = _timed(pipe, lq, call, device)
-        table.add("512² v2.1 defaults, warm", "fp16, --compile (cfg batched)",
-                  f"{p.seconds:.2f} s (first, compiling: {first.seconds:.0f} s); "
-                  f"PSNR vs uncompiled {_db(psnr_unit(out.images, fp16_out.images)) if fp16_out is not None else '-'}")
+        same = f"; PSNR vs uncompiled {_db(psnr_unit(out.images, fp16_out.images))}" if fp16_out is not None else ""
+        table.add("512² v2.1 defaults, warm", f"{name}, --compile (cfg batched)",
+                  f"{p.seconds:.2f} s (first, compiling: {first.seconds:.0f} s){same}")
     except Exception as exc:  # noqa: BLE001
-        table.add("512² v2.1 defaults, warm", "fp16, --compile", f"error: {exc!r}"[:200])
+        table.add("512² v2.1 defaults, warm", f"{name}, --compile", f"error: {exc!r}"[:200])
 
 
 def main() -> int:
@@ -235,9 +249,11 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="only the cases part")
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps of the 512² runs (default 10, the v2.1 default)")
-    p.add_argument("--budget", type=float, default=450.0, help="seconds after which the remaining parts are skipped")
+    p.add_argument("--budget", type=float, default=450.0,
+                   help="seconds: a part that would end after this is skipped (default 450; the script ends within 8 minutes)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile part")
     p.add_argument("--no-fp32", action="store_true", help="skip the full-size fp32 comparison")
+    p.add_argument("--dry-run", action="store_true", help="parts 2-4 with the tiny model at 512² (checks the script)")
     args = p.parse_args()
 
     import torch
@@ -255,10 +271,11 @@ def main() -> int:
     print(f"# benchmarks/gpu_check.py: {describe_device(device)}; half precision here: {half}", flush=True)
     check_cases(table, device, half, set(args.cases.split(",")) if args.cases else None)
     if not args.quick:
-        if device.startswith("cuda"):
-            check_full_size(table, device, steps=args.steps, skip_compile=args.no_compile, skip_fp32=args.no_fp32)
+        if device.startswith("cuda") or args.dry_run:
+            check_full_size(table, device, steps=args.steps, skip_compile=args.no_compile, skip_fp32=args.no_fp32,
+                            dry_run=args.dry_run)
         else:
-            table.add("full-size parts", device, "skipped: they are GPU checks (use --quick on the CPU)")
+            table.add("full-size parts", device, "skipped: they are GPU checks (--dry-run runs them with the tiny model)")
     print(f"\n{describe_device(device)}, {time.perf_counter() - table.start:.0f} s in all\n")
     print(table.render())
     return 0

@@ -7,7 +7,7 @@ Only the networks run in half precision; every hand-off between stages is in the
 hand-off                                                dtype          where
 =====================================================  =============  ===========================================
 image -> cleaner, cleaner -> stage-1 result             float32        autocast computes the cleaner in half
-cleaner convolutions / linears                          half           (the official Pipeline.run autocast)
+cleaner convolutions / linears                          half (*)       (the official Pipeline.run autocast)
 condition image -> VAE encoder / decoder latent -> VAE  half           `vae_encode` / `tiled_encode` cast it
 VAE encoder -> condition latent c_img                   float32        `encode_condition`
 text encoder -> cached prompt embedding                 float32        `encode_prompt`
@@ -16,6 +16,14 @@ sampler state -> UNet + IRControlNet (x, c_txt, c_img)  half           `Controll
 UNet output -> sampler; x0 to / from the guidance hook  float32        `ControlledUNet` casts back
 final latent z; decoder -> colour fix; output           float32        `_decode`, `color_correct`
 =====================================================  =============  ===========================================
+
+(*) where spandrel says the architecture supports it: SwinIR runs bf16 but not fp16 (float32 then), so
+the fp16 runs that need a half-precision cleaner use a tiny RRDB (BSRNet's architecture).
+
+Each configuration (`CONFIGS`) covers one sampler family and a share of the rest: latent and rgb
+guidance, the exact tiled VAE, tiled sampling, the three colour fixes, eps and v models; 2 steps, cfg 4,
+512x512 (the smallest image stage 2 takes). The float32 fallback of an overflowing VAE pass is forced
+with weights that overflow fp16 only (and a hook for bf16).
 
 PSNR bounds (vs the float32 run of the same configuration, output in [0, 1]) were set from measurement
 on a 2-core AMD EPYC with AVX512-BF16 (torch 2.14.1): see `BOUNDS`. The tiny models are random and
