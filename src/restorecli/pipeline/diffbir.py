@@ -25,7 +25,7 @@ Memory and speed are handled here, each in one place:
 * `placement` (`restorecli.pipeline.placement`) keeps idle models off the accelerator: the cleaner during stage 2,
   the text encoder after encoding; with `set_offload(True)` also the VAE and the UNet/ControlNet
   outside their stages.
-* `_vae_pass` redoes a half-precision VAE pass that overflowed in float32.
+* `_vae_pass` redoes a half-precision VAE pass that overflowed with a float32 copy of the VAE.
 * On accelerators cond and uncond go through one batched UNet + ControlNet call (`cfg_batching`); on
   the CPU the samplers keep upstream's call pattern, which reproduces the official runs bit for bit.
 """
@@ -33,6 +33,7 @@ Memory and speed are handled here, each in one place:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -712,10 +713,10 @@ class DiffBIRPipeline(DiffusionPipeline):
 
     def _encode(self, image: torch.Tensor, vae: VaeChoice) -> torch.Tensor:
         """Scaled posterior mode of an image in [-1, 1]; with the exact tiled encoder when `vae.tile`."""
-        def run() -> torch.Tensor:
+        def run(module) -> torch.Tensor:
             if vae.tile is None:
-                return vae_encode(self._stage2(), image)
-            moments = tiled_encode(self.vae, image, tile_size=vae.tile, recompute=vae.recompute,
+                return vae_encode(_VaeView(module, self.latent_scale_factor), image)
+            moments = tiled_encode(module, image, tile_size=vae.tile, recompute=vae.recompute,
                                    offload=self._offload_tiles(vae), max_stored_bytes=vae.max_stored,
                                    spill_dir=self.spill_dir)
             return posterior_mode(moments) * self.latent_scale_factor
@@ -725,30 +726,36 @@ class DiffBIRPipeline(DiffusionPipeline):
 
     def _decode(self, z: torch.Tensor, vae: VaeChoice) -> torch.Tensor:
         """Image (about [-1, 1], unclamped, float32) of a scaled latent; exact tiles when `vae.tile`."""
-        def run() -> torch.Tensor:
+        def run(module) -> torch.Tensor:
             if vae.tile is None:
-                return vae_decode(self._stage2(), z)
-            return tiled_decode(self.vae, z / self.latent_scale_factor, tile_size=vae.tile, recompute=vae.recompute,
+                return vae_decode(_VaeView(module, self.latent_scale_factor), z)
+            return tiled_decode(module, z / self.latent_scale_factor, tile_size=vae.tile, recompute=vae.recompute,
                                 offload=self._offload_tiles(vae), max_stored_bytes=vae.max_stored,
                                 spill_dir=self.spill_dir)
 
         with self.placement.using(self.vae):
             return self._vae_pass("decode", run).float()
 
-    def _vae_pass(self, what: str, run: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """`run()` with the VAE as it is; a half-precision result that overflowed (NaN/inf) is computed again
-        with the VAE in float32, with a warning (the VAE goes back to its dtype afterwards)."""
-        x = run()
+    def _vae_pass(self, what: str, run: Callable[[torch.nn.Module], torch.Tensor]) -> torch.Tensor:
+        """`run(self.vae)`; a half-precision result that overflowed (NaN/inf) is computed again by a
+        float32 copy of the VAE, with a warning. Every VAE pass of the pipeline comes through here.
+
+        `self.vae` itself is never changed (its dtype, parameters and device stay as they are, so a
+        failure in the retry or a concurrent user of the module cannot find it half converted); the
+        copy is made on the VAE's device for this pass only (the float32 weights: 335 MB for SD 2.1's
+        VAE) and freed afterwards.
+        """
+        x = run(self.vae)
         if x.dtype == torch.float32 or torch.isfinite(x).all():
             return x
         log.warning("the %s VAE %s overflowed; running it again in float32", str(x.dtype).removeprefix("torch."), what)
         del x
-        vae_dtype = self.vae.dtype
-        self.vae.to(torch.float32)
+        vae32 = _float32_copy(self.vae)
         try:
-            return run()
+            return run(vae32)
         finally:
-            self.vae.to(vae_dtype)
+            del vae32
+            release_memory()
 
     # ------------------------------------------------------------------------------------------------
     # stages: monitoring and the out-of-memory retry
@@ -807,6 +814,26 @@ class DiffBIRPipeline(DiffusionPipeline):
     def _stage2(self):
         """The pipeline offers the attributes `restorecli.models.cldm` functions read off Stage2Models."""
         return self
+
+
+@dataclass(frozen=True)
+class _VaeView:
+    """The two attributes `restorecli.models.cldm.vae_encode` / `vae_decode` read, for a given VAE module."""
+
+    vae: torch.nn.Module
+    latent_scale_factor: float
+
+
+def _float32_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A float32 deep copy of `module` on its device; the half-precision tensors are never duplicated
+    (each parameter and floating buffer is converted straight into the copy)."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        if b.is_floating_point():
+            memo[id(b)] = b.detach().float()
+    return copy.deepcopy(module, memo)
 
 
 def _weight_bytes(*modules) -> int:

@@ -72,6 +72,7 @@ class GuidanceSpace(Choice):
 
 
 class Precision(Choice):
+    AUTO = "auto"
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"

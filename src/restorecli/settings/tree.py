@@ -254,7 +254,9 @@ class LoadSettings:
                                          help="Folder of checkpoint files you already have (found by file name, verified by sha256).")
     device: str = setting("auto", flags="--device", panel=HARDWARE, help="auto, cpu, cuda (or cuda:N) or mps.")
     precision: Optional[str] = setting(None, flags="--precision", panel=HARDWARE, choices=C.Precision,
-                                       default_text="fp16 on CUDA, fp32 elsewhere", help="Precision of the networks.")
+                                       default_text="fp16 on CUDA, fp32 elsewhere",
+                                       help="Precision of the networks; auto = fp16 on CUDA, bf16 on CPUs with "
+                                            "bf16 instructions (AVX512-BF16/AMX), fp32 elsewhere.")
     offload: bool = setting(False, flags="--offload", panel=HARDWARE, help="Keep idle submodules on the CPU (small GPUs).")
     compile: bool = setting(False, flags="--compile", panel=HARDWARE,
                             help="torch.compile the UNet and ControlNet (slow first image, faster after).")
