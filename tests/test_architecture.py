@@ -169,3 +169,13 @@ def test_import_restorecli_pulls_in_no_cli_module():
             "print(sorted(m for m in sys.modules if m.startswith('restorecli.cli') or m in ('typer', 'rich')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_package_cites_no_file_outside_the_repository():
+    """Docstrings cite the official source files, never the project's planning notes (which are not in
+    the repository or the wheel)."""
+    pattern = re.compile(r"PIPELINE\.md|DESIGN\.md|STYLE\.md|\.\./shared|reference README")
+    offenders = [f"{path.relative_to(PACKAGE)}:{i + 1}" for path in sorted(PACKAGE.rglob("*"))
+                 if path.suffix in (".py", ".toml") for i, line in enumerate(path.read_text().splitlines())
+                 if pattern.search(line)]
+    assert offenders == []

@@ -1,9 +1,9 @@
 """Region-adaptive restoration guidance: pull every denoising step toward the stage-1 image.
 
 DiffBIR's training-free guidance (arXiv 2308.15070, sec. 3.3), exactly as the v2-era official code
-computes it (PIPELINE.md 7.2; official 70c0944 ``utils/cond_fn.py`` ``MSEGuidance`` /
+computes it (official 70c0944 ``utils/cond_fn.py`` ``MSEGuidance`` /
 ``WeightedMSEGuidance`` and ``utils/sampler.py`` ``SpacedSampler.apply_cond_fn``). HEAD no longer applies
-it (PIPELINE.md 7.1), so the v2-era code is the reference; golden data: reference ``golden/guidance``.
+it , so the v2-era code is the reference; golden data: reference ``golden/guidance``.
 
 At the first model evaluation of every solver step whose ``t_now = model_t + 1`` lies strictly inside
 ``(stop, start)``, ``repeat`` times::
@@ -56,7 +56,7 @@ to a new noise realisation. The samples are kept rather than replaced by the pos
 then stays the v2-era one on every sampler, and on a VAE whose posterior is not narrow (the tiny test
 VAEs) the mode would be a different target, which nothing here could show harmless for every checkpoint.
 
-Beyond upstream (which only had the spaced sampler, eps models, no tiling; DESIGN.md "match or fix"):
+Beyond upstream (which only had the spaced sampler, eps models, no tiling):
 
 * Every sampler family, eps and v models: the table above.
 * ``w_mse`` in latent space (upstream crashes: 3-channel grey kernel on a 4-channel latent): the weight
@@ -122,7 +122,7 @@ V2_DRAW_ORDER = frozenset({"spaced"})
 
 
 def weight_map(image: torch.Tensor) -> torch.Tensor:
-    """Weight ``1 - tanh(S)`` per 2x2 block, S = SUM of the Sobel magnitude over the block (PIPELINE.md 7.2).
+    """Weight ``1 - tanh(S)`` per 2x2 block, S = SUM of the Sobel magnitude over the block .
 
     ``image``: (N, 3, H, W) RGB in [0, 1] (upstream passes ``(target + 1) / 2``; values are not clamped),
     H and W even. Returns (N, 1, H, W) float32 in [0, 1]: near 1 in flat regions, near 0 on edges and
@@ -275,7 +275,7 @@ class RestorationGuidance:
         """A posterior SAMPLE of the target latent, scaled: ``(mean + std * z) * scale_factor``.
 
         ``ControlLDM.vae_encode(target, sample=True)`` of the v2-era code; z is one draw of ``noise``
-        (default: the image's generator, as v2: reference README, randomness contract item 4).
+        (default: the image's generator, as the v2-era code draws it).
         """
         mean, std = self.posterior()
         source = self.noise if noise is None else noise

@@ -1,10 +1,10 @@
-"""Where every fresh noise tensor of a run comes from (the project's randomness contract, DESIGN.md "Seeds").
+"""Where every fresh noise tensor of a run comes from (the seed contract: README, Sampling).
 
 One ``torch.Generator("cpu")`` per image drives all randomness. The caller draws x_T first; every later
 draw is ``torch.randn(shape, generator=G, dtype=float32)`` on the CPU, in program order, and only then
 moved to the device, so a seed gives the same numbers on every device. Samplers never call
 ``torch.randn_like``: they ask the :class:`NoiseSource` they were given, which guidance and tiling code
-can share (the reference README's "Randomness contract" lists where each sampler draws).
+can share .
 
 Randomness that is not the sampler's own (restoration guidance's posterior samples of its target, on
 every sampler but ``spaced``) comes from a separate stream, :meth:`GeneratorNoise.derived`, seeded from

@@ -47,7 +47,7 @@ class SamplerSpec:
     name: str
     family: str  # "spaced" | "ddim" | "dpm_solver" | "edm"
     knobs: tuple[str, ...]  # which of s_churn, s_tmin, s_tmax, s_noise, eta, order it reads
-    draws: str  # fresh noise per run of n steps (reference README "Randomness contract")
+    draws: str  # fresh noise per run of n steps 
     solver: Callable[..., torch.Tensor] | None = None
 
 

@@ -1,7 +1,7 @@
 """Official DiffBIR / Stable Diffusion checkpoint layouts -> diffusers / transformers state dicts.
 
 Sources and what maps where (key names from ``ControlLDM.load_pretrained_sd`` and the official
-modules; full-size key/shape manifests in ``../shared/reference/manifest_full.json``):
+modules; full-size key/shape manifests in the official checkpoints' key/shape lists):
 
 * SD ldm checkpoint (``{"state_dict": ...}`` ``.ckpt`` or a flat ``.safetensors``):
   ``model.diffusion_model.*`` -> ``UNet2DConditionModel``, ``first_stage_model.*`` -> ``AutoencoderKL``,

@@ -87,9 +87,9 @@ log = logging.getLogger("restorecli.pipeline.diffbir")
 
 #: Latent downsampling of the SD VAE.
 VAE_SCALE = 8
-#: Untiled, the condition is zero-padded to a multiple of 64 (PIPELINE.md 2.4).
+#: Untiled, the condition is zero-padded to a multiple of 64 .
 PAD_UNTILED = 64
-#: With tiled sampling, upstream pads to a multiple of 8 only (PIPELINE.md 2.4, 10.11).
+#: With tiled sampling, upstream pads to a multiple of 8 only .
 PAD_TILED = 8
 
 T = TypeVar("T")
@@ -115,7 +115,7 @@ class DiffBIROutput(BaseOutput):
 
 @dataclass
 class StageTwoInputs:
-    """What stage 2 needs of one image, with the sizes the official crops use (PIPELINE.md 2.4)."""
+    """What stage 2 needs of one image, with the sizes the official crops use ."""
 
     cond_img: torch.Tensor  # (1, 3, h0, w0), the unpadded stage-1 output
     c_img: torch.Tensor  # (1, 4, h2, w2) condition latent (padded)
@@ -522,7 +522,7 @@ class DiffBIRPipeline(DiffusionPipeline):
 
     def encode_condition(self, cond_img: torch.Tensor, plan: MemoryPlan | None = None, *, tile_size=None,
                          tile_stride=None, source=None) -> StageTwoInputs:
-        """Pad, encode and pad again as `Pipeline.apply_cldm` (PIPELINE.md 2.4, 4.1).
+        """Pad, encode and pad again as `Pipeline.apply_cldm` .
 
         Untiled sampling: zero-pad the image to a multiple of 64, `c_img = mode(q(z | 2x - 1)) * scale`,
         pad the latent to a multiple of 8 (a no-op then). Tiled sampling (`plan.sample_tile`, or
@@ -682,7 +682,7 @@ class DiffBIRPipeline(DiffusionPipeline):
         )
 
     def decode(self, z: torch.Tensor, inputs: StageTwoInputs, *, vae: VaeChoice | None = None) -> torch.Tensor:
-        """`vae_decode(z[..., :h1, :w1])[..., :h0, :w0]`, no clamp (PIPELINE.md 9.1); with the exact tiled
+        """`vae_decode(z[..., :h1, :w1])[..., :h0, :w0]`, no clamp ; with the exact tiled
         decoder when `vae` (a plan's choice) has a tile (same result)."""
         h1, w1 = inputs.latent_size
         h0, w0 = inputs.cond_img.shape[-2:]
@@ -691,7 +691,7 @@ class DiffBIRPipeline(DiffusionPipeline):
 
     def color_correct(self, decoded: torch.Tensor, cond_img: torch.Tensor, kind: str, output_size, *,
                       on_cpu: bool = False, rows: int | None = None) -> torch.Tensor:
-        """`color_fix((x + 1) / 2, stage1)` then a bicubic antialiased resize to the output size (PIPELINE.md 9.2).
+        """`color_fix((x + 1) / 2, stage1)` then a bicubic antialiased resize to the output size .
         `on_cpu`: in host memory (the plan's choice when the image-sized buffers would not fit the device).
         `rows`: in exact bands of that many rows, written into `decoded` (the plan's choice when the
         whole-image temporaries would not fit); a resize to the same size is then skipped (it is the

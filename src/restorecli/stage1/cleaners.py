@@ -1,7 +1,7 @@
 """Stage-1 cleaners (degradation removal) loaded through spandrel.
 
 Every official DiffBIR cleaner is an architecture spandrel already detects from its state dict
-(PIPELINE.md 1.1, 3.1-3.3; reference README "spandrel check"):
+(the tests load each official layout through spandrel):
 
 * DiffBIR's SwinIR (general_swinir_v1.ckpt, realesrgan_s4_swinir_100k.pth, face_swinir_v1.ckpt): spandrel
   "SwinIR" with a pixel-unshuffle input (``conv_first.1``) and the "nearest+conv" upsampler; 1x overall.
@@ -77,7 +77,7 @@ _TRAINING_ONLY = {"drop_rate", "attn_drop_rate", "drop_path_rate", "use_checkpoi
 class Cleaner:
     """A loaded stage-1 model: spandrel's descriptor plus what restorecli needs to run it officially.
 
-    `kind` names the official pipeline the model implies (PIPELINE.md 2.3, 3): ``swinir`` (DiffBIR's
+    `kind` names the official pipeline the model implies : ``swinir`` (DiffBIR's
     unshuffle SwinIR: PIL pre-upscale, short side -> 512, zero-pad 64), ``bsrnet`` (an x4 RRDB: no
     pre-upscale, x4, then resize), ``scunet`` (replicate-pad 64, 512 rule after) or ``generic`` (any
     other spandrel model; see `restorecli.stage1.run`). `dtype` is the compute dtype actually used: the
@@ -221,7 +221,7 @@ def descriptor_from_state_dict(state_dict: Mapping[str, torch.Tensor], where: st
 
 
 def cleaner_kind(descriptor) -> str:
-    """Which official pipeline a spandrel model implies (PIPELINE.md 1.2, 3)."""
+    """Which official pipeline a spandrel model implies ."""
     arch = descriptor.architecture.id
     model = descriptor.model
     if (
