@@ -83,6 +83,7 @@ from ..settings.choices import GUIDANCE_LOSSES, GUIDANCE_SPACES
 from ..settings.tree import GuidanceSettings
 from .hooks import X0HookContext
 from .noise import GUIDANCE_STREAM, GeneratorNoise, NoiseSource
+from ..vae import VAE_SCALE
 
 __all__ = [
     "GUIDANCE_LOSSES",
@@ -108,8 +109,6 @@ SOBEL_X = ((1.0, 0.0, -1.0), (2.0, 0.0, -2.0), (1.0, 0.0, -1.0))
 SOBEL_Y = ((1.0, 2.0, 1.0), (0.0, 0.0, 0.0), (-1.0, -2.0, -1.0))
 #: Side of the non-overlapping blocks whose gradient magnitudes are SUMMED (upstream's "block_mean").
 BLOCK = 2
-#: Pixels per latent pixel of the SD VAE (the latent-space weight map is pooled by this).
-VAE_SCALE = 8
 #: Sampler families whose guided runs keep the v2-era draw order (posterior samples from the image's
 #: generator, interleaved with the sampler's draws): only the one upstream guided, pinned by golden runs.
 V2_DRAW_ORDER = frozenset({"spaced"})

@@ -82,11 +82,10 @@ from ..stage1.run import (
     run_stage1,
     stage1_only_output,
 )
+from ..vae import VAE_SCALE
 
 log = logging.getLogger("restorecli.pipeline.diffbir")
 
-#: Latent downsampling of the SD VAE.
-VAE_SCALE = 8
 #: Untiled, the condition is zero-padded to a multiple of 64 .
 PAD_UNTILED = 64
 #: With tiled sampling, upstream pads to a multiple of 8 only .
