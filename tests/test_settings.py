@@ -224,10 +224,17 @@ def test_save_pretrained_round_trips_to_identical_output(tiny_pipe, reference_di
         assert again.diffusion == tiny_pipe.diffusion and again.latent_scale_factor == tiny_pipe.latent_scale_factor
         assert again.default_settings == tiny_pipe.default_settings
         assert again.stage1_pipeline == tiny_pipe.stage1_pipeline
+        for name in ("unet", "controlnet", "vae", "text_encoder"):
+            mine, theirs = getattr(tiny_pipe, name).state_dict(), getattr(again, name).state_dict()
+            assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+        # Same weights and configs; the outputs agree to float rounding, not bit for bit: the converted
+        # weights keep the official checkpoint's memory layout, the reloaded ones are contiguous, and
+        # the kernels round differently (measured: 4.7e-6 on this image).
         a = tiny_pipe(photo, **CALL).images
         b = again(photo, **CALL).images
-        assert torch.equal(a, b)
-        assert torch.equal(tiny_pipe(photo, output_type="pt").images, again(photo, output_type="pt").images)
+        assert torch.allclose(a, b, atol=1e-4, rtol=0)
+        assert torch.allclose(tiny_pipe(photo, output_type="pt").images, again(photo, output_type="pt").images,
+                              atol=1e-4, rtol=0)
     finally:
         tiny_pipe.default_settings = default_settings("custom", "sr")
     with pytest.raises(Exception, match="not a saved restorecli pipeline"):

@@ -38,7 +38,13 @@ def save_pipeline(pipe, directory) -> None:
     if pipe.cleaner is None:
         raise UsageError("this pipeline has no stage-1 cleaner to save")
     (root / "cleaner").mkdir(exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in pipe.cleaner.model.state_dict().items()}
+    if pipe.cleaner.source is not None:  # the official keys, which spandrel detects again
+        from ..models.safe_load import load_state_dict
+
+        state = load_state_dict(pipe.cleaner.source)
+    else:
+        state = pipe.cleaner.model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(state, str(root / "cleaner" / "model.safetensors"))
     saved = []
     for name in COMPONENTS:

@@ -88,6 +88,9 @@ class Cleaner:
     kind: str
     dtype: torch.dtype
     name: str = "cleaner"
+    #: the checkpoint file it was loaded from (save_pretrained copies its official keys: spandrel renames
+    #: some keys when it builds a model, so the built model's own state dict may not be detectable again)
+    source: Path | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -185,7 +188,8 @@ def load_cleaner(
     descriptor.model.requires_grad_(False)
     log.info("cleaner %s: spandrel %s, x%d, kind %s, %s", where, descriptor.architecture.id,
              descriptor.scale, kind, str(compute_dtype).removeprefix("torch."))
-    return Cleaner(descriptor=descriptor, kind=kind, dtype=compute_dtype, name=name or Path(where).name)
+    path = Path(spec.checkpoint) if spec is not None else (Path(source) if isinstance(source, (str, os.PathLike)) else None)
+    return Cleaner(descriptor=descriptor, kind=kind, dtype=compute_dtype, name=name or Path(where).name, source=path)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
