@@ -506,7 +506,7 @@ def test_the_pipeline_keeps_the_sampler_noise_and_retries_both_streams(reference
     monkeypatch.setattr(pl, "GeneratorNoise", Recording)
     call = dict(upscale=1, steps=3, sampler="edm_dpm++_3m_sde", cfg=1.0, seed=5, output_type="pt")
     plain = pipe(photo, **call).images
-    guided = pipe(photo, **call, guidance=0.5).images
+    guided = pipe(photo, **call, restoration_guidance=0.5).images
     assert len(made) == 2 and len(made[1].handed_out) == len(made[0].handed_out) == 2
     assert all(torch.equal(a, b) for a, b in zip(made[1].handed_out, made[0].handed_out))
     assert not torch.equal(plain, guided)
@@ -521,7 +521,7 @@ def test_the_pipeline_keeps_the_sampler_noise_and_retries_both_streams(reference
         return real_forward(self, *a, **k)
 
     monkeypatch.setattr(ControlledUNet, "forward", failing_third_call)
-    retried = pipe(photo, **call, guidance=0.5).images
+    retried = pipe(photo, **call, restoration_guidance=0.5).images
     assert count[0] == 3 + 3 and len(made[2].handed_out) == 2 + 2
     assert torch.equal(retried, guided)
 
