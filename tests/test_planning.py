@@ -286,9 +286,9 @@ def test_an_image_that_cannot_fit_is_refused_before_any_work(pipe, monkeypatch):
         pipe(np.zeros((512, 512, 3), np.uint8), upscale=16, max_memory=GiB, source="big.png", steps=1)
     message = str(e.value)
     assert "\n" not in message
-    found = re.fullmatch(r"big\.png: cannot be restored within --max-memory 1\.0GB: (.+) needs about ([\d.]+GB) even with "
+    found = re.fullmatch(r"big\.png: cannot be restored within `max_memory` 1\.0GB: (.+) needs about ([\d.]+GB) even with "
                          r"the leanest tiles \(a 8192x8192 stage-2 image\); the smallest budget that works is "
-                         r"--max-memory ([\d.]+)GB", message)
+                         r"`max_memory` ([\d.]+)GB", message)
     assert found, message
     smallest = int(float(found.group(3)) * GiB)
     plan = pipe.check_memory((512, 512), upscale=16, max_memory=smallest, source="big.png")
@@ -495,5 +495,5 @@ def test_max_memory_too_small_is_one_line_and_exit_1(reference_dir, tmp_path, mo
     assert code == 1 and not out.exists()
     errors = [line for line in err if line.startswith("error:")]
     assert len(errors) == 1, err
-    assert errors[0].startswith("error: inputs/blur_45x45.png: cannot be restored within --max-memory 16MB: ")
-    assert errors[0].endswith("the smallest budget that works is --max-memory 48MB")  # 26 MiB / SAFETY, rounded up
+    assert errors[0].startswith("error: inputs/blur_45x45.png: cannot be restored within `--max-memory` 16MB: ")
+    assert errors[0].endswith("the smallest budget that works is `--max-memory` 48MB")  # 26 MiB / SAFETY, rounded up

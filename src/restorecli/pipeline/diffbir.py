@@ -509,9 +509,9 @@ class DiffBIRPipeline(DiffusionPipeline):
             h0, w0 = plan.size
             raise InputError(
                 source,
-                f"cannot be restored within --max-memory {format_size(max_memory)}: {stage} needs about "
+                f"cannot be restored within `max_memory` {format_size(max_memory)}: {stage} needs about "
                 f"{format_size(plan.needed)} even with the leanest tiles (a {w0}x{h0} stage-2 image); the smallest "
-                f"budget that works is --max-memory {format_size(smallest_budget(plan.needed))}",
+                f"budget that works is `max_memory` {format_size(smallest_budget(plan.needed))}",
             )
         if plan.spill > 0:
             try:

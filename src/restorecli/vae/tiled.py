@@ -574,7 +574,7 @@ class _SpillFile:
                 view = view[self.f.write(view):]
         except OSError as e:
             raise SpillError(f"cannot write the tiled VAE's paused tiles to {self.spill.root}: "
-                             f"{e.strerror or e}; free disk space there or raise --max-memory") from e
+                             f"{e.strerror or e}; free disk space there or raise `max_memory`") from e
         n = raw.nbytes
         self.end = offset + -(-n // _PAGE) * _PAGE
         self.spill.grow(self.end - offset)
