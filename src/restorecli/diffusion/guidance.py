@@ -318,7 +318,7 @@ class RestorationGuidance:
             if not torch.isfinite(delta).all():
                 if not self._warned:
                     log.warning("rgb-space guidance: the %s decoder's gradient overflowed; skipping those guidance "
-                                "steps (--precision fp32 avoids it)", str(_dtype(self.vae)).removeprefix("torch."))
+                                "steps (`precision` fp32 avoids it)", str(_dtype(self.vae)).removeprefix("torch."))
                     self._warned = True
                 delta = torch.zeros_like(delta)
         self.applied += 1

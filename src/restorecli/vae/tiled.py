@@ -879,7 +879,7 @@ def check_spill_space(folder: str | os.PathLike, need: int) -> None:
         raise SpillError(
             f"the tiled VAE needs about {want / 2**30:.1f} GiB of free disk in {folder} for the feature maps "
             f"that do not fit in memory, and {free / 2**30:.1f} GiB is free; free some space, set RESTORE_HOME "
-            "to a larger disk or raise --max-memory",
+            "to a larger disk or raise `max_memory`",
         )
 
 
