@@ -52,7 +52,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from conftest import REFERENCE
+from conftest import REFERENCE, force_tiles
 from restorecli.errors import UsageError
 from restorecli.pipeline import precision
 from restorecli.pipeline.precision import auto_dtype, cpu_bf16_flags, cpu_runs_bf16_natively, cpuinfo_flags, resolve_dtype
@@ -386,19 +386,6 @@ def photo() -> np.ndarray:
     return np.asarray(img)
 
 
-def force_tiles(monkeypatch, **tiles):
-    """Make the pipeline's planner return these tiles (everything else as planned)."""
-    import restorecli.pipeline.diffbir as pl
-
-    original = pl.plan_stage2
-
-    def forced(*args, **kw):
-        p = original(*args, **kw)
-        for k, v in tiles.items():
-            setattr(p, k, v)
-        return p
-
-    monkeypatch.setattr(pl, "plan_stage2", forced)
 
 
 def tiny_bsrnet(dtype: torch.dtype):

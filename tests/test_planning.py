@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_close_rel
+from conftest import assert_close_rel, force_tiles
 from restorecli.pipeline import planning
 from restorecli.errors import InputError
 from restorecli.oom import is_out_of_memory
@@ -246,19 +246,6 @@ def reference(pipe, photo):
     return out.images
 
 
-def _force_tiles(monkeypatch, **tiles):
-    """Make the pipeline's planner return these tiles (everything else as planned)."""
-    import restorecli.pipeline.diffbir as pl
-
-    original = pl.plan_stage2
-
-    def forced(*args, **kw):
-        p = original(*args, **kw)
-        for k, v in tiles.items():
-            setattr(p, k, v)
-        return p
-
-    monkeypatch.setattr(pl, "plan_stage2", forced)
 
 
 @pytest.mark.slow
@@ -267,7 +254,7 @@ def test_tiled_vae_in_the_pipeline_gives_the_untiled_image(pipe, photo, referenc
     untiled image within rounding, and no temporary file left."""
     from restorecli.pipeline.planning import VaeChoice
 
-    _force_tiles(monkeypatch, encode=VaeChoice(128, max_stored=0, spill=1), decode=VaeChoice(16, recompute=True),
+    force_tiles(monkeypatch, encode=VaeChoice(128, max_stored=0, spill=1), decode=VaeChoice(16, recompute=True),
                  post_rows=48)
     monkeypatch.setattr(pipe, "spill_dir", str(tmp_path))
     out = pipe(photo, **CALL)
