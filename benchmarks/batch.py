@@ -57,7 +57,8 @@ def make_photos(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
 
 
 def run_loop(pipe, opts, photos: list[Path], outdir: Path, overlap: bool) -> dict:
-    from restorecli.run.loop import Job, run_batch
+    from restorecli.run.loop import run_batch
+    from restorecli.run.plan import Job
 
     outdir.mkdir(parents=True, exist_ok=True)
     entries = [Job(str(p), str(outdir / f"{p.stem}_restored.png")) for p in photos]
@@ -73,12 +74,12 @@ def run_loop(pipe, opts, photos: list[Path], outdir: Path, overlap: bool) -> dic
 
 
 def bench_mode(mode: str, photos: list[Path], work: Path, repeats: int) -> list[dict]:
-    from restorecli.pipeline.loading import load_pipeline
-    from restorecli.settings.defaults import RestoreOptions
+    from restorecli.pipeline.build import load_pipeline
+    from restorecli.settings import LoadSettings, default_settings
 
-    opts = RestoreOptions(model=str(MODEL), stage1_only=(mode == "stage1"), steps=1, device="cpu").resolve()
+    opts = default_settings("custom", "sr").replace(stage1_only=(mode == "stage1"), steps=1)
     t0 = time.perf_counter()
-    pipe = load_pipeline(opts)
+    pipe = load_pipeline(LoadSettings(model=str(MODEL), device="cpu"), stage1_only=opts.stage1_only)
     load_s = time.perf_counter() - t0
     run_loop(pipe, opts, photos[:1], work / "warmup", overlap=False)
     runs: dict[bool, list[dict]] = {False: [], True: []}

@@ -28,8 +28,24 @@ class FakePipeline:
         self.oom = os.environ.get("FAKE_OOM") if oom is None else oom
         self.on_call = on_call
         self.calls: list[str] = []
+        self.settings: list = []  # the RestoreSettings of each call
 
-    def __call__(self, rgb, *, output_type="pt", on_step=None, source=None, upscale=1.0, seed=0, **kwargs):
+    def __call__(self, rgb, settings=None, **kwargs):
+        """Bound against the real `DiffBIRPipeline.__call__` signature, so a call the real pipeline would
+        refuse (an unknown keyword, a wrong settings type, a bad override) fails here too."""
+        import inspect
+
+        from restorecli.pipeline.diffbir import DiffBIRPipeline
+        from restorecli.settings import RestoreSettings
+
+        bound = inspect.signature(DiffBIRPipeline.__call__).bind(self, rgb, settings, **kwargs)
+        args = bound.arguments
+        base = args.get("settings") or RestoreSettings()
+        assert isinstance(base, RestoreSettings), f"settings must be RestoreSettings, got {type(base).__name__}"
+        settings = base.replace(**args.get("overrides", {}))
+        self.settings.append(settings)
+        output_type, on_step, source = args.get("output_type", "np"), args.get("on_step"), args.get("source")
+        upscale, seed = settings.upscale, settings.sampler.seed
         import torch
 
         self.calls.append(source)
@@ -49,25 +65,29 @@ class FakePipeline:
         x = x.repeat(scale, axis=0).repeat(scale, axis=1)
         image = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
         # the "guidance map": the first channel of the output, shaped (1, 1, H, W) as the pipeline's
-        maps = image[None, :1] if kwargs.get("return_guidance_map") else None
+        maps = image[None, :1] if args.get("return_guidance_map") else None
         return SimpleNamespace(images=[image], seeds=[seed], guidance_maps=maps)
 
 
 def install(monkeypatch_or_none=None, **kwargs) -> list[FakePipeline]:
-    """Make `restorecli.pipeline.loading.load_pipeline` build FakePipelines; returns the list of those built."""
-    import restorecli.pipeline.loading
+    """Make `restorecli.pipeline.build.load_pipeline` build FakePipelines; returns the list of those built."""
+    import restorecli.pipeline.build
 
     built: list[FakePipeline] = []
 
-    def load_pipeline(opts, **_):
+    def load_pipeline(load, *, stage1_only=False, **_):
+        from restorecli.settings import LoadSettings
+
+        assert isinstance(load, LoadSettings), f"load_pipeline takes LoadSettings, got {type(load).__name__}"
         pipe = FakePipeline(**kwargs)
+        pipe.load, pipe.stage1_only = load, stage1_only
         built.append(pipe)
         return pipe
 
     if monkeypatch_or_none is None:
-        restorecli.pipeline.loading.load_pipeline = load_pipeline
+        restorecli.pipeline.build.load_pipeline = load_pipeline
     else:
-        monkeypatch_or_none.setattr(restorecli.pipeline.loading, "load_pipeline", load_pipeline)
+        monkeypatch_or_none.setattr(restorecli.pipeline.build, "load_pipeline", load_pipeline)
     return built
 
 

@@ -80,3 +80,18 @@ def permissions_enforced(folder: Path) -> bool:
     finally:
         probe.chmod(0o600)
         probe.unlink()
+
+
+def force_tiles(monkeypatch, **tiles):
+    """Make the pipeline's planner return these tiles (everything else as planned)."""
+    import restorecli.pipeline.diffbir as pl
+
+    original = pl.plan_stage2
+
+    def forced(*args, **kw):
+        p = original(*args, **kw)
+        for k, v in tiles.items():
+            setattr(p, k, v)
+        return p
+
+    monkeypatch.setattr(pl, "plan_stage2", forced)

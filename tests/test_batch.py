@@ -23,13 +23,14 @@ import pytest
 from PIL import Image
 
 import _fake_pipeline
-from conftest import REFERENCE, permissions_enforced
-from restorecli.run import loop as batch
-from restorecli.run.loop import Job, discover, plan_batch, read_list, run_batch
+from conftest import permissions_enforced
 from restorecli.cli.app import main
-from restorecli.imageio import is_temp_file
-from restorecli.settings.defaults import RestoreOptions
-from restorecli.run.files import FileResult
+from restorecli.images import is_temp_file
+from restorecli.run.discovery import Source, default_output_dir, discover, read_list
+from restorecli.run.loop import BatchEvents, run_batch
+from restorecli.run.plan import Job, plan_batch
+from restorecli.run.steps import FileResult
+from restorecli.settings import RestoreSettings
 
 FAKE_RESTORE = [sys.executable, str(Path(__file__).with_name("_fake_pipeline.py"))]
 RNG = np.random.default_rng(8)
@@ -77,6 +78,32 @@ def temp_files(folder: Path) -> list[Path]:
 
 def json_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines()]
+
+
+def image(path: Path, seed: int, size=(12, 8)) -> Path:
+    """A random image in the format its extension names (PNG without one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=None if path.suffix else "PNG")
+    return path
+
+
+def assert_restored_from(output: Path, source: Path, scale: int = 1) -> None:
+    """`output` is the fake pipeline's result of `source` (inverted, enlarged), not of another input."""
+    expected = 255 - np.asarray(Image.open(source).convert("RGB")).repeat(scale, axis=0).repeat(scale, axis=1)
+    with Image.open(output) as im:
+        actual = np.asarray(im.convert("RGB")).astype(int)
+    tolerance = 12 if output.suffix.lower() in (".jpg", ".jpeg") else 1  # JPEG: lossy, still far from any other
+    assert np.abs(actual - expected).mean() <= tolerance, (output, source)
+
+
+def case_sensitive(folder: Path) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "case.probe").write_bytes(b"")
+    try:
+        return not (folder / "CASE.PROBE").exists()
+    finally:
+        (folder / "case.probe").unlink()
 
 
 @pytest.fixture()
@@ -131,26 +158,28 @@ def test_glob_matches_names_or_relative_paths_case_insensitively(tmp_path):
 
 
 def test_default_output_dir_is_beside_the_folder(tmp_path, monkeypatch):
-    assert batch.default_output_dir("scans/") == Path("scans_restored")
-    assert batch.default_output_dir(tmp_path / "a" / "scans") == tmp_path / "a" / "scans_restored"
+    assert default_output_dir("scans/") == Path("scans_restored")
+    assert default_output_dir(tmp_path / "a" / "scans") == tmp_path / "a" / "scans_restored"
     (tmp_path / "photos").mkdir()
     monkeypatch.chdir(tmp_path / "photos")
-    assert batch.default_output_dir(".") == tmp_path / "photos_restored"
+    assert default_output_dir(".") == tmp_path / "photos_restored"
 
 
-def test_plan_skips_existing_outputs_and_refuses_collisions(tmp_path):
-    sources = [batch.Source(str(tmp_path / n), Path(n)) for n in ["a.png", "a.gif", "b.png", "c.png"]]
+def test_plan_skips_existing_outputs_and_names_shared_stems(tmp_path):
+    sources = [Source(str(tmp_path / n), Path(n)) for n in ["a.png", "a.gif", "b.png", "c.png"]]
     out = tmp_path / "out"
     out.mkdir()
     (out / "b_restored.png").write_bytes(b"done before")
     entries = plan_batch(sources, out, fmt="png")
-    assert isinstance(entries[0], Job) and entries[0].output == str(out / "a_restored.png")
-    assert entries[1].status == "failed" and "is also the output of" in entries[1].error  # a.gif -> a_restored.png
-    assert entries[2].status == "skipped"
+    assert isinstance(entries[0], Job) and entries[0].output == str(out / "a_png_restored.png")
+    assert isinstance(entries[1], Job) and entries[1].output == str(out / "a_gif_restored.png")
+    assert entries[2].status == "skipped" and entries[2].output == str(out / "b_restored.png")
     assert isinstance(entries[3], Job)
     assert isinstance(plan_batch(sources, out, fmt="png", overwrite=True)[2], Job)
+    # the same names whatever the order of the sources
+    assert {e.input: e.output for e in plan_batch(sources[::-1], out, fmt="png")} == {e.input: e.output for e in entries}
     # an output that would be an input is refused, even with overwrite
-    same = plan_batch([batch.Source(str(tmp_path / "a.png"), Path("a.png"))], tmp_path, suffix="", overwrite=True)
+    same = plan_batch([Source(str(tmp_path / "a.png"), Path("a.png"))], tmp_path, suffix="", overwrite=True)
     assert same[0].status == "failed" and "is an input" in same[0].error
 
 
@@ -273,11 +302,153 @@ def test_guidance_maps_mirror_the_output_folders(tmp_path, capsys, fake):
     code, _, err = run(["batch", src, "-o", tmp_path / "o2", "--stage1-only", "--save-guidance-map", maps], capsys)
     assert code == 2 and "needs stage 2" in err
     clash = tmp_path / "clash"
-    png(clash / "x.png"), png(clash / "x_guidance.png")  # x.png's map would be the input x_guidance.png
-    code, _, err = run(["batch", clash, "-o", tmp_path / "o3", "--save-guidance-map", clash], capsys)
-    assert code == 2 and "would overwrite an input" in err and not (tmp_path / "o3").exists()
+    png(clash / "x.png"), png(clash / "x_guidance.png")  # x.png's plain map name is the input x_guidance.png
+    code, _, err = run(["batch", clash, "-o", tmp_path / "o3", "--upscale", "1", "--save-guidance-map", clash], capsys)
+    assert code == 0, err
+    assert all_files(clash) == ["x.png", "x_guidance.png", "x_guidance_guidance.png", "x_png_guidance.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(clash / "x_png_guidance.png")),
+                                  255 - np.asarray(Image.open(clash / "x.png"))[..., 0])
     code, _, err = run(["batch", src, "-o", tmp_path / "o4", "--save-guidance-map", src / "a.png"], capsys)
     assert code == 2 and "not a folder" in err
+
+
+# -- inputs that share a name --------------------------------------------------------------------------
+
+
+def test_every_input_is_restored_when_stems_collide(tmp_path, capsys, fake):
+    """Same picture in several formats, names differing only in case, an extensionless scan beside its
+    PNG, and an input named like another's output: every one restored in one run, to the README's names,
+    each output from its own input; the JSON lines name those files; a rerun finds the same names."""
+    src = tmp_path / "photos"
+    expected = {
+        "IMG_0001.jpg": "IMG_0001_jpg_restored.jpg", "IMG_0001.tif": "IMG_0001_tif_restored.tif",
+        "logo.gif": "logo_gif_restored.png", "logo.png": "logo_png_restored.png",
+        "scan0001": "scan0001_restored.png", "scan0001.png": "scan0001_png_restored.png",
+        "x.png": "x_restored.png", "x_restored.png": "x_restored_restored.png", "plain.jpg": "plain_restored.jpg",
+    }
+    if case_sensitive(src):
+        expected.update({"a.PNG": "a_PNG-1_restored.PNG", "a.png": "a_png-2_restored.png"})
+    for seed, name in enumerate(expected):
+        image(src / name, seed)
+    code, out, err = run(["batch", src, "--json", "--upscale", "1"], capsys)
+    assert code == 0, err
+    outdir = tmp_path / "photos_restored"
+    assert all_files(outdir) == sorted(expected.values())
+    records = json_lines(out)
+    assert records[-1]["ok"] == len(expected)
+    assert {Path(r["input"]).name: r["output"] for r in records[:-1]} == {
+        name: str(outdir / output) for name, output in expected.items()}
+    for name, output in expected.items():
+        assert_restored_from(outdir / output, src / name)
+    renamed = len(expected) - 4  # all but scan0001, x.png, x_restored.png and plain.jpg
+    assert f"{renamed} share a name with another, so their outputs carry the source extension" in err
+    assert f"{renamed} outputs named with the source extension" in err
+    code, _, err = run(["batch", src], capsys)
+    assert code == 0 and f"done: 0 restored, {len(expected)} skipped, 0 failed" in err
+
+
+def test_shared_stems_in_subfolders_and_their_guidance_maps(tmp_path, capsys, fake):
+    """With -r the rule works per output folder; folders whose names differ only in case (one folder on
+    a case-insensitive output drive) count as one; guidance maps carry the same names."""
+    src = tmp_path / "album"
+    expected = {"2019/a.jpg": "2019/a_jpg_restored.jpg", "2019/a.png": "2019/a_png_restored.png",
+                "2020/a.jpg": "2020/a_restored.jpg", "a.gif": "a_restored.png"}
+    if case_sensitive(src):
+        expected.update({"Trip/b.png": "Trip/b_png-1_restored.png", "trip/b.png": "trip/b_png-2_restored.png"})
+    for seed, rel in enumerate(expected):
+        image(src / rel, seed)
+    out, maps = tmp_path / "out", tmp_path / "maps"
+    code, _, err = run(["batch", src, "-o", out, "-r", "--upscale", "1", "--guidance", "0.5", "--save-guidance-map", maps], capsys)
+    assert code == 0, err
+    assert all_files(out) == sorted(expected.values())
+    assert all_files(maps) == sorted(v.replace("_restored.jpg", "_guidance.png").replace("_restored.png", "_guidance.png")
+                                     for v in expected.values())
+    for rel, output in expected.items():
+        assert_restored_from(out / output, src / rel)
+
+
+def test_from_list_finds_the_names_of_the_folder_run(tmp_path, capsys, fake, monkeypatch):
+    """The same files listed in another order, as relative paths, get the names of the folder run, so a
+    list can resume a folder run; same-named files from outside DIR meet in OUTDIR and are numbered."""
+    src = tmp_path / "photos"
+    for seed, name in enumerate(["p.jpg", "p.tif", "q.png", "sub/q.png", "sub/q.gif"]):
+        image(src / name, seed)
+    code, out, _ = run(["batch", src, "-r", "-o", tmp_path / "scan", "--json", "--upscale", "1"], capsys)
+    assert code == 0
+    by_scan = {Path(r["input"]).relative_to(src).as_posix(): Path(r["output"]).relative_to(tmp_path / "scan").as_posix()
+               for r in json_lines(out)[:-1]}
+    assert by_scan == {"p.jpg": "p_jpg_restored.jpg", "p.tif": "p_tif_restored.tif", "q.png": "q_restored.png",
+                       "sub/q.gif": "sub/q_gif_restored.png", "sub/q.png": "sub/q_png_restored.png"}
+    monkeypatch.chdir(src)
+    (tmp_path / "list.txt").write_text("sub/q.png\np.tif\nq.png\nsub/q.gif\np.jpg\n")
+    code, out, _ = run(["batch", src, "--from-list", tmp_path / "list.txt", "-o", tmp_path / "scan", "--json", "--upscale", "1"], capsys)
+    assert code == 0 and [r["status"] for r in json_lines(out)[:-1]] == ["skipped"] * 5
+    assert {r["input"]: Path(r["output"]).relative_to(tmp_path / "scan").as_posix() for r in json_lines(out)[:-1]} == by_scan
+
+    for seed, name in enumerate(["x/a.png", "y/a.png"]):
+        image(tmp_path / "elsewhere" / name, 10 + seed)
+    (tmp_path / "list2.txt").write_text(f"{tmp_path / 'elsewhere/y/a.png'}\n{tmp_path / 'elsewhere/x/a.png'}\n")
+    code, _, err = run(["batch", "--from-list", tmp_path / "list2.txt", "-o", tmp_path / "flat", "--upscale", "1"], capsys)
+    assert code == 0, err
+    assert all_files(tmp_path / "flat") == ["a_png-1_restored.png", "a_png-2_restored.png"]
+    assert_restored_from(tmp_path / "flat" / "a_png-1_restored.png", tmp_path / "elsewhere/x/a.png")
+
+
+def test_into_the_input_folder_tagged_outputs_are_not_taken_for_inputs(tmp_path, capsys, fake):
+    src = tmp_path / "in"
+    image(src / "a.jpg", 1), image(src / "a.png", 2)
+    assert run(["batch", src, "-o", src], capsys)[0] == 0
+    assert all_files(src) == ["a.jpg", "a.png", "a_jpg_restored.jpg", "a_png_restored.png"]
+    code, _, err = run(["batch", src, "-o", src], capsys)
+    assert code == 0 and "2 images" in err and "0 restored, 2 skipped" in err
+
+
+def test_links_to_one_file_are_restored_once(tmp_path, capsys, fake):
+    src = tmp_path / "in"
+    image(src / "photo.png", 1)
+    os.link(src / "photo.png", src / "copy.png")
+    os.symlink("photo.png", src / "latest.png")
+    code, out, err = run(["batch", src, "--json"], capsys)
+    assert code == 1
+    assert {Path(r["input"]).name: r["status"] for r in json_lines(out)[:-1]} == {
+        "copy.png": "ok", "latest.png": "failed", "photo.png": "failed"}
+    assert f"error: {src / 'photo.png'}: the same file as {src / 'copy.png'} (a link); it is restored once" in err
+    assert all_files(tmp_path / "in_restored") == ["copy_restored.png"]
+
+
+def test_ctrl_c_then_rerun_with_shared_stems_skips_exactly_the_finished(tmp_path, capsys, fake):
+    """Interrupted, then resumed: the rerun names every input as the first run did, skips exactly the
+    outputs the first run finished and restores the rest, ending with the uninterrupted run's files."""
+    src = tmp_path / "in"
+    for i in range(6):
+        image(src / f"img{i}.png", 2 * i), image(src / f"img{i}.jpg", 2 * i + 1)
+    reference = tmp_path / "reference"
+    assert run(["batch", src, "-o", reference], capsys)[0] == 0
+    assert len(all_files(reference)) == 12 and "img0_jpg_restored.jpg" in all_files(reference)
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*FAKE_RESTORE, "batch", str(src), "-o", str(out), "--json"], env=fake_env(FAKE_DELAY=0.4),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(list(out.glob("*_restored.*"))) >= 2, 120, "the first outputs")
+        proc.send_signal(signal.SIGINT)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    first = json_lines(stdout)[:-1]
+    finished = {r["output"] for r in first if r["status"] == "ok"}
+    assert 2 <= len(finished) < 12 and sorted(Path(p).name for p in finished) == all_files(out)
+
+    rerun = subprocess.run([*FAKE_RESTORE, "batch", str(src), "-o", str(out), "--json"], env=fake_env(),
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    second = json_lines(rerun.stdout)[:-1]
+    assert {r["output"] for r in second if r["status"] == "skipped"} == finished
+    assert {r["output"] for r in second if r["status"] == "ok"} == {str(out / n) for n in all_files(reference)} - finished
+    assert all_files(out) == all_files(reference)
+    for name in all_files(reference):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
 def test_glob_and_format_and_suffix(tmp_path, capsys, fake):
@@ -443,7 +614,7 @@ def test_overlap_gives_the_same_results_in_the_same_order(tmp_path):
     paths = [png(src / f"{i}.png", size=(8 + 7 * (i % 3), 8), seed=i) for i in range(8)]
     (src / "x.png").write_text("bad")
     paths.insert(3, src / "x.png")
-    opts = RestoreOptions(upscale=2.0).resolve()
+    opts = RestoreSettings(upscale=2.0)
     outputs = {}
     for overlap in (True, False):
         out = tmp_path / f"out{overlap}"
@@ -451,7 +622,7 @@ def test_overlap_gives_the_same_results_in_the_same_order(tmp_path):
         entries.insert(5, FileResult("skipped.png", "s.png", "skipped"))
         seen = []
 
-        class Events(batch.BatchEvents):
+        class Events(BatchEvents):
             def result(self, index, result):
                 seen.append((index, result.input, result.status))
 

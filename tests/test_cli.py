@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,8 @@ import pytest
 
 from restorecli.cli.app import main
 from restorecli.errors import UsageError
-from restorecli.run.outputs import OutputPlan, check_output, output_name, plan_outputs
+from restorecli.run.outputs import OutputPlan, check_output, output_name
+from restorecli.run.plan import NameRequest, name_key, plan_outputs, unique_outputs
 
 
 def run(argv, capsys):
@@ -52,9 +55,100 @@ def test_output_file_with_several_inputs_is_a_usage_error():
         plan_outputs(["a.png", "b.png"], "-")
 
 
-def test_two_inputs_mapping_to_one_output_is_refused(tmp_path):
-    with pytest.raises(UsageError, match="would both be written"):
-        plan_outputs(["x/a.png", "y/a.png"], str(tmp_path) + "/")
+def names(plans) -> dict[str, str]:
+    return {Path(p.input).name: Path(p.output).name for p in plans}
+
+
+def test_inputs_sharing_a_stem_carry_their_source_extension(tmp_path):
+    """The README examples: the plain name when the stem is unique in its folder, else the source
+    extension after the stem (and the output format rules as usual: gif -> png)."""
+    inputs = ["IMG_0001.jpg", "IMG_0001.tif", "logo.gif", "logo.png", "x.png", "scan0001", "scan0001.png"]
+    plans = plan_outputs([f"in/{n}" for n in inputs], f"{tmp_path}/")
+    assert names(plans) == {
+        "IMG_0001.jpg": "IMG_0001_jpg_restored.jpg",
+        "IMG_0001.tif": "IMG_0001_tif_restored.tif",
+        "logo.gif": "logo_gif_restored.png",
+        "logo.png": "logo_png_restored.png",
+        "x.png": "x_restored.png",
+        "scan0001": "scan0001_restored.png",  # no extension: nothing to add
+        "scan0001.png": "scan0001_png_restored.png",
+    }
+    assert all(p.error is None and Path(p.output).parent == tmp_path for p in plans)
+    # --format and --suffix change the extension and the suffix, not which names carry a tag
+    assert names(plan_outputs(["in/logo.gif", "in/logo.png"], f"{tmp_path}/", fmt="webp", suffix="_x")) == {
+        "logo.gif": "logo_gif_x.webp", "logo.png": "logo_png_x.webp"}
+
+
+def test_names_that_differ_only_in_letter_case_are_numbered(tmp_path):
+    """`a.PNG` + `a.png` (possible on a case-sensitive file system) must not become two names that a
+    case-insensitive one (macOS, Windows, a FAT/exFAT drive) takes for one: numbered in path order."""
+    plans = plan_outputs(["d/a.png", "d/a.PNG", "d/A.gif", "d/b.png"], f"{tmp_path}/")
+    assert names(plans) == {
+        "a.PNG": "a_PNG-1_restored.PNG", "a.png": "a_png-2_restored.png", "A.gif": "A_gif_restored.png",
+        "b.png": "b_restored.png"}
+    assert len({p.output.lower() for p in plans}) == 4
+
+
+def test_same_named_files_of_several_folders_into_one(tmp_path):
+    plans = plan_outputs(["y/a.png", "x/a.png", "x/b.png"], str(tmp_path) + "/")
+    assert [(p.input, Path(p.output).name, p.error) for p in plans] == [
+        ("y/a.png", "a_png-2_restored.png", None), ("x/a.png", "a_png-1_restored.png", None),
+        ("x/b.png", "b_restored.png", None)]
+    # beside the inputs, the folders keep them apart: plain names
+    assert [p.output for p in plan_outputs(["y/a.png", "x/a.png"], None)] == ["y/a_restored.png", "x/a_restored.png"]
+
+
+def test_an_input_named_like_another_inputs_output(tmp_path):
+    """`x_restored.png` beside `x.png`: both are restored, neither output is an input."""
+    x, xr = str(tmp_path / "x.png"), str(tmp_path / "x_restored.png")
+    for order in ([x, xr], [xr, x]):
+        assert names(plan_outputs(order, None)) == {"x.png": "x_png_restored.png", "x_restored.png": "x_restored_restored.png"}
+
+
+def test_the_same_file_twice_is_restored_once(tmp_path):
+    img = tmp_path / "photo.png"
+    img.write_bytes(b"x")
+    os.link(img, tmp_path / "hard.png")
+    os.symlink(img, tmp_path / "soft.jpg")
+    inputs = [str(img), str(tmp_path / "soft.jpg"), str(img), str(tmp_path / "hard.png")]
+    for order in (inputs, inputs[::-1]):
+        plans = {(p.input, p.output, p.error and p.error.split(": ", 1)[1]) for p in plan_outputs(order, None)}
+        # kept: the first in path order that is not a symbolic link (hard.png), whatever the order given
+        assert plans == {
+            (str(tmp_path / "hard.png"), str(tmp_path / "hard_restored.png"), None),
+            (str(img), None, f"the same file as {tmp_path / 'hard.png'} (a link); it is restored once, as that one"),
+            (str(img), None, "given more than once; it is restored once"),
+            (str(tmp_path / "soft.jpg"), None, f"the same file as {tmp_path / 'hard.png'} (a link); it is restored once, as that one"),
+        }
+
+
+def test_an_own_input_is_never_an_output_even_ignoring_case(tmp_path):
+    (plan,) = plan_outputs([str(tmp_path / "A.PNG")], None, suffix="", fmt="png")
+    assert plan.output == str(tmp_path / "A.png") and "is an input; refusing to overwrite it" in plan.error
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_naming_rule_properties(seed):
+    """Random folders of names built to collide (stems, extensions and case from a few letters): every
+    output is distinct from every other and from every input ignoring letter case, the names do not
+    depend on the order of the inputs, a unique stem keeps the plain name, and refusals are rare."""
+    rng = random.Random(seed)
+    pool = ["".join(c) for c in itertools.product("aA", "bB", ["", "_restored"], ["", ".png", ".PNG", ".jpg", ".gif"])]
+    names_ = rng.sample(pool, rng.randint(2, 24))
+    folders = ["in", "in/sub"]
+    requests = [NameRequest(f"{rng.choice(folders)}/{n}", "out" if rng.random() < 0.5 else "in", n) for n in names_]
+    named = unique_outputs(requests)
+    shuffled = rng.sample(range(len(requests)), len(requests))
+    again = unique_outputs([requests[i] for i in shuffled])
+    assert [again[k] for k in sorted(range(len(shuffled)), key=lambda k: shuffled[k])] == named
+    inputs = {name_key(r.input) for r in requests}
+    given = [name_key(n.output) for n in named if n.error is None]
+    assert len(given) == len(set(given)) and not inputs & set(given)
+    stems = [name_key(Path(r.folder) / Path(r.name).stem) for r in requests]
+    for r, n, stem in zip(requests, named, stems):
+        if stems.count(stem) == 1 and name_key(Path(r.folder) / output_name(r.name)) not in inputs:
+            assert Path(n.output).name == output_name(r.name)
+    assert sum(n.error is not None for n in named) <= 1
 
 
 def test_never_overwrite_an_input_even_with_overwrite(tmp_path):
@@ -96,9 +190,15 @@ def test_output_equal_to_input_is_refused(tmp_path, capsys):
 
 
 def test_subcommand_names_are_not_taken_as_files(capsys):
+    """`restore weights --help` is the weights group's help, not the image command's help for a file
+    named "weights"."""
     code, out, err = run(["weights", "--help"], capsys)
     assert code == 0
-    assert "weights" in out.lower()
+    text = " ".join(out.split())
+    assert "Usage: restore weights" in text
+    for sub in ("list", "fetch", "verify", "path"):
+        assert f"│ {sub} " in out or f" {sub} " in text
+    assert "Image files" not in text and "--sampler" not in text  # the image command's arguments and options
 
 
 def test_file_named_like_a_subcommand_needs_a_path(tmp_path, capsys, monkeypatch):

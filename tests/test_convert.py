@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import shutil
 
 import pytest
 import torch
 
 from conftest import load_golden
+from restorecli import weights
 from restorecli.errors import SetupError, WeightsError
 from restorecli.models import configs as cfgs
 from restorecli.models import convert as cv
 from restorecli.models import stage2
 from restorecli.models.description import load_model_description
+from restorecli.weights import hashing
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -192,17 +197,68 @@ def test_damaged_cache_entry_is_rebuilt(reference_dir, tokenizer_dir, tmp_path):
     assert stage2.load_stage2(desc, cache_dir=tmp_path).load_report["controlnet"]["from"] == "cache"
 
 
-def test_sha256_index_avoids_rehashing(tmp_path, monkeypatch):
+def test_cache_entries_are_keyed_through_the_weights_hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESTORE_HOME", str(tmp_path / "home"))
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc")
-    index = tmp_path / "index.json"
-    digest = cv.sha256_file(f, index=index)
-    assert digest == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    monkeypatch.setattr(cv.hashlib, "sha256", lambda: (_ for _ in ()).throw(AssertionError("re-hashed")))
-    assert cv.sha256_file(f, index=index) == digest
-    monkeypatch.undo()
+    cache = cv.ConversionCache(tmp_path / "cache")
+    entry = cache.entry("sd", f, "cfg")
+    # sha256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
+    assert entry.name == f"sd-ba7816bf8f01cfea-cfg-c{cv.CONVERTER_VERSION}"
+    with monkeypatch.context() as m:
+        m.setattr(hashing, "sha256_file", lambda *a: (_ for _ in ()).throw(AssertionError("re-hashed")))
+        assert cache.entry("sd", f, "cfg") == entry
     f.write_bytes(b"abcd")  # new size -> hashed again
-    assert cv.sha256_file(f, index=index) != digest
+    assert cache.entry("sd", f, "cfg") != entry
+    with pytest.raises(WeightsError, match=r"nope.bin: cannot read checkpoint \(No such file"):
+        cache.entry("sd", tmp_path / "nope.bin", "cfg")
+
+
+def test_first_load_hashes_each_checkpoint_once(reference_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """resolve verifies a checkpoint seen for the first time and the conversion cache keys its entry
+    by the same sha256: one hashing per file, not one for each."""
+    monkeypatch.setenv("RESTORE_HOME", str(tmp_path / "home"))  # an empty hash cache
+    desc = load_model_description(reference_dir / "model_v.json")
+    sources = {"sd": desc.cldm.sd_checkpoint, "cn": desc.cldm.controlnet_checkpoint}
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    pins = []
+    for name, src in sources.items():
+        shutil.copyfile(src, folder / src.name)
+        data = src.read_bytes()
+        pins.append({
+            "name": name, "kind": "sd", "description": "tiny", "license": "MIT", "file": src.name,
+            "url": f"https://example.invalid/{src.name}", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+        })  # fmt: skip
+    hashes = []  # every sha256 computed from here on, with the bytes it was fed by update()
+    real = hashlib.sha256
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self._h, self.fed = real(*args, **kwargs), 0
+            hashes.append(self)
+
+        def update(self, data):
+            self.fed += len(data)
+            self._h.update(data)
+
+        def __getattr__(self, name):
+            return getattr(self._h, name)
+
+    monkeypatch.setattr(hashlib, "sha256", Counting)
+    previous = weights.set_registry(weights.Registry.from_dict({"file": pins}))
+    try:
+        sd = weights.resolve("sd", weights_dir=folder, download=False)
+        cn = weights.resolve("cn", weights_dir=folder, download=False)
+    finally:
+        weights.set_registry(previous)
+    assert (sd.parent, cn.parent) == (folder, folder)
+    fresh = dataclasses.replace(desc, cldm=dataclasses.replace(desc.cldm, sd_checkpoint=sd, controlnet_checkpoint=cn))
+    models = stage2.load_stage2(fresh, cache_dir=tmp_path / "converted")
+    assert models.load_report["sd"]["from"] == "converted" and models.load_report["sd"]["cached"]
+    assert sorted(h.fed for h in hashes if h.fed) == sorted(p["size"] for p in pins)  # each file once
+    names = sorted(e.name for e in cv.iter_entries(tmp_path / "converted"))
+    assert [n.split("-")[:2] for n in names] == [["controlnet", pins[1]["sha256"][:16]], ["sd", pins[0]["sha256"][:16]]]
 
 
 def test_aligned_safetensors_are_standard_and_aligned(tmp_path):

@@ -27,7 +27,7 @@ from restorecli.diffusion.guidance import (
     weight_map,
 )
 from restorecli.diffusion.hooks import X0HookContext
-from restorecli.diffusion.noise import GeneratorNoise
+from restorecli.diffusion.noise import GUIDANCE_STREAM, GeneratorNoise, derived_seed
 from restorecli.diffusion.sampling import sample
 from restorecli.diffusion.schedules import NoiseSchedule
 from restorecli.errors import UsageError
@@ -185,7 +185,8 @@ def _ctx(model_t=500.0, substep=0, step=0, coefficient=0.5, family="edm"):
 def test_hook_window_repeats_and_substeps(stage2):
     """Active while stop < t + 1 < start (strict); `repeat` iterations; a step's later evaluations get
     the step's first shift (a constant denoiser shift, integrated exactly by every solver); nothing at a
-    non-positive x0 weight; every latent iteration draws once."""
+    non-positive x0 weight; every latent iteration draws once, off the spaced sampler from the separate
+    posterior stream (the image's generator is untouched)."""
     models = stage2["eps"]
     target = torch.rand(1, 3, 64, 64) * 2 - 1
     noise = GeneratorNoise.from_seed(3)
@@ -195,10 +196,13 @@ def test_hook_window_repeats_and_substeps(stage2):
         assert guide(x0, _ctx(t)) is x0
     assert noise.draws == 0
     out = guide(x0, _ctx(798.0, step=1))
-    assert noise.draws == 3 and guide.applied == 3 and not torch.equal(out, x0)
+    assert guide.posterior_noise.draws == 3 and noise.draws == 0
+    assert guide.applied == 3 and not torch.equal(out, x0)
     other = torch.randn(1, 4, 8, 8)
     assert torch.allclose(guide(other, _ctx(600.0, substep=1, step=1, coefficient=0.0)), other + (out - x0))
-    assert noise.draws == 3
+    assert guide.posterior_noise.draws == 3
+    guide(x0, _ctx(600.0, step=3, family="spaced"))  # spaced: the v2-era order, from the image's generator
+    assert noise.draws == 3 and guide.posterior_noise.draws == 3
     assert guide(x0, _ctx(500.0, step=2, coefficient=0.0)) is x0
     assert guide(other, _ctx(400.0, substep=1, step=2)) is other  # no shift carried into a skipped step
 
@@ -324,6 +328,204 @@ def test_rgb_guidance_on_the_v_model_is_closer_than_none(stage2, photo, sampler,
     assert all(r[0] < rows[0][0] and r[1] < rows[0][1] for r in rows[1:]), rows
 
 
+# -- a smooth knob: the sampler's own noise does not depend on the guidance settings (issue 18) ------
+
+
+class RecordingNoise(GeneratorNoise):
+    """The image's generator, keeping every fresh-noise tensor it hands a sampler (``noise(like)``)."""
+
+    def __init__(self, generator: torch.Generator):
+        super().__init__(generator)
+        self.handed_out: list[torch.Tensor] = []
+
+    def __call__(self, like):
+        z = super().__call__(like)
+        self.handed_out.append(z.clone())
+        return z
+
+
+def _photo(reference_dir, size):
+    img = Image.open(reference_dir / "inputs" / "mixed_96x70.png").convert("RGB").resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
+
+
+class Scene:
+    """A tiny model conditioned on a photo's latent, guided toward the same photo (the stage-1 image)."""
+
+    def __init__(self, models, photo):
+        from restorecli.models.cldm import encode_prompt, vae_encode
+
+        self.models, self.target = models, photo * 2 - 1
+        self.c_img = vae_encode(models, self.target)
+        self.cond = ControlCondition(encode_prompt(models, [""]), self.c_img)
+        self.model = ControlledModel(models.controlled_unet())
+        self.schedule = NoiseSchedule.from_spec(models.diffusion)
+
+    def run(self, sampler, seed, scale=0.0, steps=4, knobs=None, **settings):
+        """(z, the image's RecordingNoise, the hook or None). ``scale`` is the 512x512 equivalent (see
+        SCALES above); guidance is latent w_mse unless ``settings`` say otherwise."""
+        noise = RecordingNoise(torch.Generator("cpu").manual_seed(seed))
+        x_T = noise.randn(self.c_img.shape)
+        hook = None
+        if scale:
+            hook = _guide(self.models, self.target, noise, scale=scale * self.c_img[0, 0].numel() / 64**2, **settings)
+        z = sample(sampler, self.model, x_T, schedule=self.schedule, steps=steps, cfg=1.0, noise=noise, cond=self.cond,
+                   x0_hook=hook, **(knobs or {}))
+        return z, noise, hook
+
+
+@pytest.fixture(scope="module")
+def scenes(stage2, reference_dir):
+    cache = {}
+
+    def get(par, size):
+        if (par, size) not in cache:
+            cache[par, size] = Scene(stage2[par], _photo(reference_dir, size))
+        return cache[par, size]
+
+    return get
+
+
+#: Every sampler that draws fresh noise it uses, with the knobs that make it use it (ddim draws and
+#: multiplies by 0, but its draws must not move either).
+STOCHASTIC = {
+    "edm_euler_a": {}, "edm_dpm_2_a": {}, "edm_dpm++_2s_a": {}, "edm_dpm++_sde": {}, "edm_dpm++_2m_sde": {},
+    "edm_dpm++_3m_sde": {}, "edm_euler": {"s_churn": 2.0}, "edm_heun": {"s_churn": 2.0}, "ddim": {},
+}
+
+
+@pytest.mark.parametrize("sampler", list(STOCHASTIC))
+def test_the_sampler_gets_the_same_noise_at_every_guidance_setting(scenes, sampler):
+    """Instrumented sampler stream: the fresh-noise tensors are the same, in number and bit for bit,
+    at guidance 0 and guided (scale 2, two repeats: 8 posterior samples), because off `spaced` the
+    target's posterior samples come from the separate stream derived from the seed."""
+    scene = scenes("v", 64)
+    knobs = STOCHASTIC[sampler]
+    z0, plain, _ = scene.run(sampler, 7, knobs=knobs)
+    z1, guided, hook = scene.run(sampler, 7, scale=2.0, knobs=knobs, loss="w_mse", space="latent", repeat=2)
+    assert len(plain.handed_out) > 0
+    assert len(guided.handed_out) == len(plain.handed_out)
+    assert all(torch.equal(a, b) for a, b in zip(guided.handed_out, plain.handed_out))
+    assert hook.applied == 8 and hook.posterior_noise.draws == 8
+    assert not torch.equal(z0, z1)
+
+
+def test_spaced_keeps_the_v2_draw_order(scenes):
+    """The exception: `spaced` draws each posterior sample from the image's generator, before the
+    step's own draw (the golden runs above pin every value), so its later draws move with guidance on."""
+    scene = scenes("eps", 64)
+    _, plain, _ = scene.run("spaced", 7, steps=3)
+    _, guided, hook = scene.run("spaced", 7, scale=2.0, steps=3)
+    assert plain.draws == 1 + 3 and guided.draws == 1 + 3 + hook.applied == 7
+    assert hook.posterior_noise.draws == 0
+    # one stream, now shared: (posterior, step) per step, so step 0 gets what step 1 got unguided
+    assert all(torch.equal(guided.handed_out[i], plain.handed_out[i]) for i in range(3))
+    assert not torch.equal(guided.handed_out[1], plain.handed_out[0])  # step 0's own noise moved
+
+
+#: derived_seed(231, "guidance") by the documented rule (first 4 bytes, little-endian, of
+#: SHA-256("restorecli/guidance/231")).
+PINNED_DERIVED_231 = 4120218894
+
+
+def test_the_posterior_stream_is_derived_from_the_seed():
+    """The documented rule (README "Restoration guidance"): a fixed function of the seed's low 32 bits
+    (all torch's CPU generator uses), never the image's own stream, fresh on every call."""
+    assert derived_seed(231, GUIDANCE_STREAM) == PINNED_DERIVED_231  # a contract: changing it changes every guided run
+    assert derived_seed(231 + 2**32, GUIDANCE_STREAM) == derived_seed(231, GUIDANCE_STREAM)
+    assert derived_seed(-1, GUIDANCE_STREAM) == derived_seed(2**32 - 1, GUIDANCE_STREAM)
+    assert derived_seed(232, GUIDANCE_STREAM) not in (232, derived_seed(231, GUIDANCE_STREAM))
+    noise = GeneratorNoise.from_seed(231)
+    noise.randn((3,))
+    first, again = noise.derived(), noise.derived()
+    assert torch.equal(first.randn((1, 4, 8, 8)), again.randn((1, 4, 8, 8)))
+    assert not torch.equal(first.randn((5,)), GeneratorNoise.from_seed(231).randn((5,)))
+    with pytest.raises(ValueError, match="posterior_noise"):  # a NoiseSource without a seed cannot derive one
+        RestorationGuidance(GuidanceSettings(scale=1.0), torch.zeros(1, 3, 8, 8), vae=None, latent_scale_factor=1.0,
+                            noise=lambda like: torch.zeros_like(like))
+
+
+#: Stochastic families on both tiny models: edm ancestral, the SDE solvers (multistep and singlestep). On
+#: EDM's sigma_max = 1e4 grid the random tiny eps model ends far from any image (latent MSE ~2e7), which
+#: drowns the sampler's noise; the v model (v2.1's parameterization) is where a noise jump would show.
+KNOB_CASES = [("v", "edm_euler_a"), ("v", "edm_dpm++_2m_sde"), ("v", "edm_dpm++_3m_sde"), ("v", "edm_dpm++_sde"),
+              ("eps", "edm_euler_a"), ("eps", "edm_dpm++_3m_sde")]
+KNOB_SCALES = (0.0, 0.05, 0.5, 0.6, 1.0, 2.0)
+KNOB_SEEDS = (0, 1, 2, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("par, sampler", KNOB_CASES)
+def test_guidance_is_a_smooth_knob_on_the_stochastic_samplers(scenes, par, sampler):
+    """Same seed, scales 0 .. 2 (128x128, 4 steps, 4 seeds, means over the seeds):
+
+    * the MSE to the stage-1 image falls strictly over 0, 0.5, 1, 2 (in the latent the guidance acts in:
+      the tiny random VAE decodes every latent about equally far from the photo, see above);
+    * 0.5 and 0.6 are much closer to each other than 0 and 0.5 (mean squared distance ratio measured
+      0.017-0.036, about (0.1 / 0.5)^2 as a smooth dependence on the scale gives);
+    * 0 is the limit of small scales: 0.05 is ~100x closer to 0 than 0.5 is (ratio measured 0.011-0.017;
+      with one shared stream it was 0.95-1.08 on the v model: a new noise realisation at any scale > 0).
+
+    Measured MSE at 0 / 0.5 / 1 / 2, relative to 0: v model 1 / 0.66-0.70 / 0.43-0.48 / 0.21-0.24, eps model
+    1 / 0.30-0.36 / 0.13-0.16 / 0.06-0.08."""
+    scene = scenes(par, SIZE)
+    z = {(k, s): scene.run(sampler, k, scale=s)[0] for k in KNOB_SEEDS for s in KNOB_SCALES}
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    def mse(s):
+        return mean([float(((z[k, s] - scene.c_img) ** 2).mean()) for k in KNOB_SEEDS])
+
+    def dist(a, b):
+        return mean([float(((z[k, a] - z[k, b]) ** 2).mean()) for k in KNOB_SEEDS])
+
+    curve = [mse(s) for s in (0.0, 0.5, 1.0, 2.0)]
+    assert _strictly_decreasing(curve), curve
+    assert dist(0.5, 0.6) < 0.1 * dist(0.0, 0.5), (dist(0.5, 0.6), dist(0.0, 0.5))
+    assert dist(0.0, 0.05) < 0.05 * dist(0.0, 0.5), (dist(0.0, 0.05), dist(0.0, 0.5))
+
+
+@pytest.mark.slow
+def test_the_pipeline_keeps_the_sampler_noise_and_retries_both_streams(reference_dir, monkeypatch):
+    """Through DiffBIRPipeline: the image's generator hands edm_dpm++_3m_sde the same tensors at guidance
+    0 and 0.5; an out-of-memory error at step 3 (after both streams have drawn) is retried from the same
+    state of both, giving the guided result exactly."""
+    import restorecli.pipeline.diffbir as pl
+    from restorecli.models.cldm import ControlledUNet
+
+    pipe = pl.DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu")
+    photo = np.asarray(Image.open(reference_dir / "inputs" / "blur_45x45.png").convert("RGB"))
+    made: list[RecordingNoise] = []
+
+    class Recording(RecordingNoise):
+        def __init__(self, generator):
+            super().__init__(generator)
+            made.append(self)
+
+    monkeypatch.setattr(pl, "GeneratorNoise", Recording)
+    call = dict(upscale=1, steps=3, sampler="edm_dpm++_3m_sde", cfg=1.0, seed=5, output_type="pt")
+    plain = pipe(photo, **call).images
+    guided = pipe(photo, **call, restoration_guidance=0.5).images
+    assert len(made) == 2 and len(made[1].handed_out) == len(made[0].handed_out) == 2
+    assert all(torch.equal(a, b) for a, b in zip(made[1].handed_out, made[0].handed_out))
+    assert not torch.equal(plain, guided)
+
+    monkeypatch.setattr(pl, "smaller_sample_tile", lambda tile, h, w: (512, 256))  # the retry samples untiled
+    real_forward, count = ControlledUNet.forward, [0]
+
+    def failing_third_call(self, *a, **k):
+        count[0] += 1
+        if count[0] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(ControlledUNet, "forward", failing_third_call)
+    retried = pipe(photo, **call, restoration_guidance=0.5).images
+    assert count[0] == 3 + 3 and len(made[2].handed_out) == 2 + 2
+    assert torch.equal(retried, guided)
+
+
 # -- pipeline and CLI ---------------------------------------------------------------------------
 
 
@@ -356,8 +558,8 @@ def test_guidance_zero_is_byte_identical_and_the_map_is_written(reference_dir, t
     (["--guidance", "-0.5"], "`--guidance` must be >= 0"),
     (["--guidance-start", "200", "--guidance-stop", "200"], "`--guidance-start` must be greater"),
     (["--guidance-start", "100", "--guidance-stop", "800"], "`--guidance-start` must be greater"),
-    (["--guidance-space", "pixel"], "`--guidance-space` must be one of latent, rgb"),
-    (["--guidance-loss", "l1"], "`--guidance-loss` must be one of w_mse, mse"),
+    (["--guidance-space", "pixel"], "'pixel' is not one of 'latent', 'rgb'"),
+    (["--guidance-loss", "l1"], "'l1' is not one of 'w_mse', 'mse'"),
     (["--guidance-repeat", "0"], "`--guidance-repeat` must be >= 1"),
     (["--guidance", "nan"], "`--guidance` must be a finite number"),
     (["--save-guidance-map", "map.png", "--stage1-only"], "--save-guidance-map needs stage 2"),

@@ -111,3 +111,27 @@ def test_json_with_stdout_image_is_a_usage_error(capsys):
     code = main(["-", "-o", "-", "--json"])
     captured = capsys.readouterr()
     assert code == 2 and captured.out == "" and "cannot be combined with -o -" in captured.err
+
+
+def test_files_sharing_a_stem_each_get_an_output(tmp_path, capsys, monkeypatch):
+    """`restore IMAGE...` names outputs by the rule of `restore batch`: into a folder and beside the inputs,
+    every input restored, the JSON lines name the files written."""
+    _fake_pipeline.install(monkeypatch, delay=0)
+    for i, name in enumerate(["a.png", "a.gif", "x.png", "x_restored.png"]):
+        (tmp_path / name).write_bytes(png_bytes(seed=i))
+    inputs = [str(tmp_path / n) for n in ["a.png", "a.gif", "x.png", "x_restored.png"]]
+    stems = ["a_gif_restored.png", "a_png_restored.png", "x_restored_restored.png"]
+    # into another folder x.png gets the plain name; beside the inputs that is the input x_restored.png
+    for target, folder, x in ((f"{tmp_path / 'out'}/", tmp_path / "out", "x_restored.png"),
+                              (None, tmp_path, "x_png_restored.png")):
+        expected = sorted([*stems, x])
+        code = main([*inputs, *(["-o", target] if target else []), "--json", "--upscale", "1"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        records = [json.loads(line) for line in captured.out.splitlines()][:-1]
+        assert sorted(Path(r["output"]).name for r in records) == expected
+        assert all(Path(r["output"]).parent == folder and Path(r["output"]).is_file() for r in records)
+        for record in records:  # each output is its own input's (the fake inverts)
+            source = np.asarray(Image.open(record["input"]).convert("RGB")).astype(int)
+            assert np.abs(np.asarray(Image.open(record["output"])).astype(int) - (255 - source)).max() <= 1
+        assert f"{tmp_path / 'a.gif'} -> {folder / 'a_gif_restored.png'}" in captured.err

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_close_rel
+from conftest import assert_close_rel, force_tiles
 from restorecli.pipeline import planning
 from restorecli.errors import InputError
 from restorecli.oom import is_out_of_memory
@@ -249,19 +249,6 @@ def reference(pipe, photo):
     return out.images
 
 
-def _force_tiles(monkeypatch, **tiles):
-    """Make the pipeline's planner return these tiles (everything else as planned)."""
-    import restorecli.pipeline.diffbir as pl
-
-    original = pl.plan_stage2
-
-    def forced(*args, **kw):
-        p = original(*args, **kw)
-        for k, v in tiles.items():
-            setattr(p, k, v)
-        return p
-
-    monkeypatch.setattr(pl, "plan_stage2", forced)
 
 
 @pytest.mark.slow
@@ -270,7 +257,7 @@ def test_tiled_vae_in_the_pipeline_gives_the_untiled_image(pipe, photo, referenc
     untiled image within rounding, and no temporary file left."""
     from restorecli.pipeline.planning import VaeChoice
 
-    _force_tiles(monkeypatch, encode=VaeChoice(128, max_stored=0, spill=1), decode=VaeChoice(16, recompute=True),
+    force_tiles(monkeypatch, encode=VaeChoice(128, max_stored=0, spill=1), decode=VaeChoice(16, recompute=True),
                  post_rows=48)
     monkeypatch.setattr(pipe, "spill_dir", str(tmp_path))
     out = pipe(photo, **CALL)
@@ -289,9 +276,9 @@ def test_an_image_that_cannot_fit_is_refused_before_any_work(pipe, monkeypatch):
         pipe(np.zeros((512, 512, 3), np.uint8), upscale=16, max_memory=GiB, source="big.png", steps=1)
     message = str(e.value)
     assert "\n" not in message
-    found = re.fullmatch(r"big\.png: cannot be restored within --max-memory 1\.0GB: (.+) needs about ([\d.]+GB) even with "
+    found = re.fullmatch(r"big\.png: cannot be restored within `max_memory` 1\.0GB: (.+) needs about ([\d.]+GB) even with "
                          r"the leanest tiles \(a 8192x8192 stage-2 image\); the smallest budget that works is "
-                         r"--max-memory ([\d.]+)GB", message)
+                         r"`max_memory` ([\d.]+)GB", message)
     assert found, message
     smallest = int(float(found.group(3)) * GiB)
     plan = pipe.check_memory((512, 512), upscale=16, max_memory=smallest, source="big.png")
@@ -447,13 +434,13 @@ def test_cfg_is_batched_on_accelerators_only(pipe, monkeypatch):
 
 
 def test_load_uses_sdpa_attention_and_compiles_on_request(reference_dir, monkeypatch):
-    from restorecli.pipeline.loading import load_pipeline, use_sdpa
-    from restorecli.settings.defaults import RestoreOptions
+    from restorecli.pipeline.build import load_pipeline
+    from restorecli.pipeline.loading import use_sdpa
+    from restorecli.settings import LoadSettings
 
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
-    opts = RestoreOptions(model=str(reference_dir / "model_v.json"), device="cpu", compile=True, offload=True)
-    p = load_pipeline(opts)
+    p = load_pipeline(LoadSettings(model=str(reference_dir / "model_v.json"), device="cpu", compile=True, offload=True))
     assert sorted(compiled) == ["IRControlNetModel", "UNet2DConditionModel"]
     for module in (p.unet, p.controlnet, p.vae):
         assert use_sdpa(module) == {"AttnProcessor2_0"}
@@ -468,20 +455,12 @@ def test_max_memory_reaches_the_pipeline(tmp_path, monkeypatch, capsys):
     import _fake_pipeline
 
     built = _fake_pipeline.install(monkeypatch)
-    seen = []
-    real_call = _fake_pipeline.FakePipeline.__call__
-
-    def call(self, rgb, **kw):
-        seen.append(kw.get("max_memory"))
-        return real_call(self, rgb, **kw)
-
-    monkeypatch.setattr(_fake_pipeline.FakePipeline, "__call__", call)
     src = tmp_path / "a.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
     from restorecli.cli.app import main
 
     assert main([str(src), "-o", str(tmp_path / "b.png"), "--max-memory", "1.5GB"]) == 0, capsys.readouterr().err
-    assert built and seen == [int(1.5 * 2**30)]
+    assert built and [s.tiles.max_memory for s in built[0].settings] == [int(1.5 * 2**30)]
     assert main([str(src), "-o", str(tmp_path / "c.png"), "--max-memory", "lots"]) == 2
     assert "--max-memory` must look like 8GB" in capsys.readouterr().err
 
@@ -516,5 +495,5 @@ def test_max_memory_too_small_is_one_line_and_exit_1(reference_dir, tmp_path, mo
     assert code == 1 and not out.exists()
     errors = [line for line in err if line.startswith("error:")]
     assert len(errors) == 1, err
-    assert errors[0].startswith("error: inputs/blur_45x45.png: cannot be restored within --max-memory 16MB: ")
-    assert errors[0].endswith("the smallest budget that works is --max-memory 48MB")  # 26 MiB / SAFETY, rounded up
+    assert errors[0].startswith("error: inputs/blur_45x45.png: cannot be restored within `--max-memory` 16MB: ")
+    assert errors[0].endswith("the smallest budget that works is `--max-memory` 48MB")  # 26 MiB / SAFETY, rounded up

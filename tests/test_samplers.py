@@ -256,10 +256,18 @@ def test_bad_settings_are_usage_errors():
     for kw in ({"steps": 0}, {"eta": -1.0}, {"s_churn": -0.5}, {"order": 0}, {"s_noise": math.nan}):
         with pytest.raises(UsageError):
             _fake_run("edm_euler", **kw)
-    with pytest.raises(UsageError, match="--sampler"):
+    with pytest.raises(UsageError, match="`sampler` must be one of"):
         _fake_run("euler")
     with pytest.raises(UsageError, match="ddim"):
         _fake_run("ddim", steps=3)
+
+
+def test_the_samplers_are_the_settings_choices():
+    """One list of sampler names: the settings' enum (CLI choices, validation) and the sampler table agree."""
+    from restorecli.diffusion.sampling import SAMPLERS
+    from restorecli.settings import Sampler
+
+    assert tuple(SAMPLERS) == Sampler.values()
 
 
 def test_start_point_and_noise_augmentation_draw_order():

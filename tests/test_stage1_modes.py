@@ -64,7 +64,7 @@ def test_gray_stays_gray(restored):
 
 
 def test_16_bit_stays_16_bit(restored):
-    from restorecli.imageio import read_image
+    from restorecli.images import read_image
 
     back = read_image(restored / "gray16_restored.png")
     assert back.bit_depth == 16 and back.is_gray and back.rgb.shape[:2] == (45, 61)

@@ -233,8 +233,8 @@ def test_hash_cache_skips_rehashing_unchanged_files(hub, monkeypatch):
     use_registry(hub_file(hub, "tiny", payload(11)))
     path = weights.resolve("tiny")
     calls = []
-    real = weights.sha256_file
-    monkeypatch.setattr(weights, "sha256_file", lambda p, cb=None: calls.append(p) or real(p, cb))
+    real = weights.hashing.sha256_file
+    monkeypatch.setattr(weights.hashing, "sha256_file", lambda p, cb=None: calls.append(p) or real(p, cb))
     weights.resolve("tiny")
     assert calls == []
     st = path.stat()
@@ -255,6 +255,35 @@ def test_cached_file_that_changed_is_refused_not_deleted(hub):
     assert "restore weights fetch tiny --force" in err.value.hint
     assert blob.exists()
     assert weights.fetch("tiny", force_download=True).path.read_bytes() == data
+
+
+def test_hub_failures_are_told_apart_by_their_types():
+    """Each failure class huggingface_hub and its HTTP library raise gets its own reason."""
+    import importlib
+
+    from huggingface_hub import errors as hf
+
+    from restorecli.weights.hub import _hub_error
+
+    http = importlib.import_module(hf.HTTPError.__module__.split(".")[0])  # httpx (or its fork) under huggingface_hub
+    pin = {"name": "tiny", "kind": "cleaner", "description": "d", "license": "MIT", "repo": "o/r", "file": "tiny.pth", "revision": COMMIT}
+    entry = weights.Registry.from_dict({"file": [pin]}).get("tiny")
+    not_cached = hf.LocalEntryNotFoundError("not in the cache")
+    not_cached.__cause__ = http.ConnectTimeout("connect timed out")
+    cases = [
+        (hf.OfflineModeIsEnabled("offline"), "offline mode is on (HF_HUB_OFFLINE)"),
+        (not_cached, "timed out (connect timed out)"),
+        (http.ReadTimeout("slow\nsecond line"), "timed out (slow)"),
+        (http.ConnectError("refused"), "cannot connect (refused)"),
+        (http.RemoteProtocolError("peer closed"), "cannot connect (peer closed)"),
+        (ConnectionResetError("reset by peer"), "cannot connect (reset by peer)"),
+        (TimeoutError("read timed out"), "timed out (read timed out)"),
+        (OSError("Consistency check failed: file should be of size 10 but has size 5"), "the transfer ended early (size mismatch)"),
+        (ValueError("odd"), "ValueError: odd"),
+    ]
+    for exc, reason in cases:
+        message = str(_hub_error(entry, exc, "https://hub.example"))
+        assert message == f"tiny (tiny.pth) from https://hub.example/o/r (revision {COMMIT[:12]}): {reason}", type(exc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,7 +369,7 @@ def test_url_download_resumes_in_the_next_run(hub, monkeypatch, weights_env):
     use_registry(url_file(hub, "bsr", data, pin_sha=False))
     served = hub.files["/releases/bsr.pth"]
     served.drop_after, served.drops = 70_000, 1
-    monkeypatch.setattr(weights, "URL_RETRIES", 0)
+    monkeypatch.setattr(weights.url, "URL_RETRIES", 0)
     with pytest.raises(WeightsError, match=r"the transfer was interrupted after 70 kB") as err:
         weights.resolve("bsr")
     assert "again to resume" in err.value.hint
@@ -367,7 +396,7 @@ def test_url_partial_of_a_changed_file_starts_over(hub, monkeypatch):
     use_registry(url_file(hub, "bsr", old, pin_sha=False))
     served = hub.files["/releases/bsr.pth"]
     served.drop_after, served.drops = 40_000, 1
-    monkeypatch.setattr(weights, "URL_RETRIES", 0)
+    monkeypatch.setattr(weights.url, "URL_RETRIES", 0)
     with pytest.raises(WeightsError):
         weights.resolve("bsr")
     hub.add_url_file("bsr.pth", new)  # the release asset changed: new ETag, If-Range fails

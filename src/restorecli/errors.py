@@ -20,8 +20,8 @@ class RestoreError(Exception):
             self.hint = hint
 
 
-class UsageError(RestoreError):
-    """A bad option or option combination (exit 2)."""
+class UsageError(RestoreError, ValueError):
+    """A bad option or option combination (exit 2). Also a ValueError, as Python code expects of a bad argument."""
 
     exit_code = 2
 

@@ -17,10 +17,8 @@ import typer.core
 from typer.core import TyperGroup
 
 from .. import __version__
-from .options import restore_options
-from ..errors import RestoreError, UsageError
-from ..settings.defaults import RestoreOptions
-from .terminal import NORMAL, QUIET, VERBOSE, Output, setup_logging
+from ..errors import RestoreError
+from .terminal import NORMAL, QuietOpt, VerboseOpt, current, setup_logging, use_verbosity
 
 # Newer Typer vendors click as typer._click (with its own exception classes); older releases use the
 # click package. Take the one in use. typer.Exit/typer.Abort are the right classes in both.
@@ -29,7 +27,8 @@ ClickException = click.exceptions.ClickException
 ClickUsageError = click.exceptions.UsageError
 
 DEFAULT_COMMAND = "image"
-GLOBAL_FLAGS = {"--version", "-q", "--quiet", "-v", "--verbose", "--help", "-h"}
+GLOBAL_FLAGS = {"--version", "-q", "--quiet", "-v", "--verbose", "--help", "-h", "--install-completion",
+                "--show-completion"}
 
 EXAMPLES = """
 Examples:
@@ -64,32 +63,17 @@ app = typer.Typer(
     help="Restore degraded photos (blur, noise, JPEG, low resolution, old scans) with DiffBIR.\n\n"
     "`restore IMAGE...` is short for `restore image IMAGE...`." + EXAMPLES,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
 
 
-class State:
-    out = Output(NORMAL)
-
-
 def _version(value: bool) -> None:
     if value:
         sys.stdout.write(f"restorecli {__version__}\n")
         raise typer.Exit(0)
-
-
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")]
-
-
-def _set_verbosity(quiet: bool, verbose: bool) -> None:
-    if quiet or verbose:
-        level = QUIET if quiet else VERBOSE
-        State.out = Output(level)
-        setup_logging(level)
 
 
 @app.callback()
@@ -101,53 +85,15 @@ def _main(
     verbose: VerboseOpt = False,
 ) -> None:
     setup_logging(NORMAL)
-    _set_verbosity(quiet, verbose)
-
-
-@app.command(
-    DEFAULT_COMMAND,
-    help="Restore one or more images (the default command: `restore photo.png` = `restore image photo.png`).\n\n"
-    "Writes `photo_restored.png` beside each input unless `-o` says otherwise; never overwrites an input, "
-    "and keeps an existing output unless `--overwrite`. `-` reads stdin; `-o -` writes stdout.\n\n"
-    "Example: `restore old_scan.jpg --task sr --upscale 2 --guidance 0.5 -o restored.png`",
-)
-@restore_options
-def image_command(
-    inputs: Annotated[list[str], typer.Argument(help="Image files (or `-` for stdin).", show_default=False)],
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output file, folder (DIR/), or `-` for stdout.", show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
-    suffix: Annotated[str, typer.Option("--suffix", help="Appended to the input's stem to name the output.")] = "_restored",
-    fmt: Annotated[Optional[str], typer.Option("--format", help="Output format: png, jpg, webp, tif. [default: from the output's extension, else the input's]", show_default=False)] = None,
-    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
-    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
-    save_guidance_map: Annotated[Optional[str], typer.Option("--save-guidance-map", help="Also write the region-adaptive guidance weight map (grayscale image) here.", show_default=False)] = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    *,
-    opts: RestoreOptions,
-) -> None:
-    _set_verbosity(quiet, verbose)
-    from ..run.files import restore_files
-
-    code = restore_files(
-        inputs,
-        output,
-        opts,
-        out=State.out,
-        overwrite=overwrite,
-        suffix=suffix,
-        fmt=fmt,
-        quality=quality,
-        json_lines=json_lines,
-        save_guidance_map=save_guidance_map,
-    )
-    raise typer.Exit(code)
+    use_verbosity(quiet, verbose)
 
 
 def _mount_subcommands() -> None:
     from .batch import batch_command
+    from .image import HELP, image_command
     from .weights import weights_app
 
+    app.command(DEFAULT_COMMAND, help=HELP)(image_command)
     app.command("batch", help=batch_command.__doc__)(batch_command)
     app.add_typer(weights_app, name="weights")
 
@@ -157,7 +103,7 @@ _mount_subcommands()
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: map library errors to one stderr line and an exit code."""
-    # Pillow's DecompressionBombWarning would print a stray line; imageio turns bombs into InputError.
+    # Pillow's DecompressionBombWarning would print a stray line; restorecli.images turns bombs into InputError.
     warnings.filterwarnings("ignore", message=".*decompression bomb", module="PIL")
     # spandrel's SwinIR calls torch.meshgrid without `indexing`; torch warns on every load.
     warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release")
@@ -170,17 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        State.out.error("terminated" if terminated else "interrupted")
+        current().error("terminated" if terminated else "interrupted")
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except ClickUsageError as exc:
         hint = exc.ctx.command_path + " --help" if exc.ctx else "restore --help"
-        State.out.error(exc.format_message(), hint=f"see `{hint}`")
+        current().error(exc.format_message(), hint=f"see `{hint}`")
         return 2
     except ClickException as exc:
-        State.out.error(exc.format_message())
+        current().error(exc.format_message())
         return exc.exit_code
     except RestoreError as exc:
-        State.out.error(str(exc), hint=exc.hint)
+        current().error(str(exc), hint=exc.hint)
         return exc.exit_code
     finally:
         if previous is not None:

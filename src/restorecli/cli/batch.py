@@ -1,4 +1,5 @@
-"""`restore batch DIR`: restore a folder of images. Parsing and printing only; `restorecli.run.loop` works."""
+"""`restore batch DIR`: restore a folder of images. Parsing and printing only; `restorecli.run` works
+(discovery: which files; plan: where each output goes; loop: the run)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import restore_options
+from .options import RunRequest, restore_options
 from ..errors import SetupError, UsageError
-from ..settings.defaults import RestoreOptions
 from ..run.outputs import STDIO
-from .terminal import NORMAL, Output
+from .terminal import NORMAL, Output, use_verbosity
 
 #: Without a terminal, a progress line at most this often (seconds).
 PLAIN_PROGRESS_INTERVAL = 15.0
@@ -37,7 +37,7 @@ def batch_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr (a line per file).")] = False,
     *,
-    opts: RestoreOptions,
+    request: RunRequest,
 ) -> None:
     """Restore every image in a folder; a rerun skips what is done.
 
@@ -55,12 +55,9 @@ def batch_command(
 
     `find . -name '*.tif' | restore batch --from-list - -o out/ --json`
     """
-    from .app import State, _set_verbosity
-
-    _set_verbosity(quiet, verbose)
-    out = State.out
+    out = use_verbosity(quiet, verbose)
     code = run_batch_command(
-        directory, output, opts, out=out, recursive=recursive, pattern=glob, from_list=from_list,
+        directory, output, request, out=out, recursive=recursive, pattern=glob, from_list=from_list,
         overwrite=overwrite, suffix=suffix, fmt=fmt, quality=quality, json_lines=json_lines, overlap=overlap,
         save_guidance_map=save_guidance_map,
     )
@@ -70,7 +67,7 @@ def batch_command(
 def run_batch_command(
     directory: str | None,
     output: str | None,
-    opts: RestoreOptions,
+    request: RunRequest,
     *,
     out: Output,
     recursive: bool = False,
@@ -84,33 +81,38 @@ def run_batch_command(
     overlap: bool = True,
     save_guidance_map: str | None = None,
 ) -> int:
-    from ..run import loop as batch
-    from ..pipeline.loading import load_pipeline
+    from ..pipeline.build import load_pipeline
+    from ..run import discovery, plan
+    from ..run.loop import BatchInterrupted, run_batch
 
-    opts = opts.resolve()
+    settings = request.settings
     outdir = _output_dir(directory, output, from_list)
 
     # 1. What to restore
     failures = []
     ignored: list[str] = []
     if from_list is not None:
-        sources = batch.listed_sources(batch.read_list(from_list), directory)
+        sources = discovery.listed_sources(discovery.read_list(from_list), directory)
         if pattern is not None:
-            sources = [s for s in sources if batch.matches_pattern(s.relative, pattern)]
+            sources = [s for s in sources if discovery.matches_pattern(s.relative, pattern)]
     else:
         same_folder = outdir.exists() and os.path.samefile(outdir, directory)
-        found = batch.discover(
-            directory, recursive=recursive, pattern=pattern, exclude=[outdir],
+        found = discovery.discover(
+            directory, recursive=recursive, pattern=pattern,
+            exclude=[outdir] + ([save_guidance_map] if save_guidance_map is not None else []),
             skip_suffix=suffix if same_folder and suffix else None,
         )
         sources, ignored, failures = found.sources, found.ignored, found.failures
-    entries = failures + batch.plan_batch(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
+    entries = failures + plan.plan_batch(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
     if save_guidance_map is not None:
-        opts = _with_guidance_maps(opts, entries, outdir, Path(save_guidance_map))
-    jobs = sum(isinstance(e, batch.Job) for e in entries)
+        entries = _with_guidance_maps(settings, entries, outdir, Path(save_guidance_map))
+    jobs = sum(isinstance(e, plan.Job) for e in entries)
     skipped = sum(getattr(e, "status", None) == "skipped" for e in entries)
     where = f"{directory} -> {outdir}" if directory is not None else f"-> {outdir}"
     others = f"; {_count(len(ignored), 'other file')} ignored" if ignored else ""
+    renamed = _renamed(entries, suffix, fmt)
+    if renamed:
+        others += f"; {len(renamed)} share a name with another, so their outputs carry the source extension"
     if entries:
         out.info(f"{_count(len(entries), 'image')} ({where}): {jobs} to restore, {skipped} already done{others}")
     else:
@@ -124,17 +126,18 @@ def run_batch_command(
             outdir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SetupError(f"-o {outdir}: cannot create the folder ({e.strerror or e})") from None
-    view = BatchView(out, entries, json_lines=json_lines)
-    with batch.output_folder_lock(outdir) if jobs else contextlib.nullcontext():
-        for path in batch.remove_stale_temp_files(entries):
+    view = BatchView(out, entries, json_lines=json_lines, renamed=renamed)
+    with plan.output_folder_lock(outdir) if jobs else contextlib.nullcontext():
+        for path in plan.remove_stale_temp_files(entries):
             out.detail(f"removed an unfinished temp file of an earlier run: {path}")
         try:
             with view:
-                summary = batch.run_batch(
-                    entries, lambda: load_pipeline(opts), opts, overwrite=overwrite, fmt=fmt, quality=quality,
+                summary = run_batch(
+                    entries, lambda: load_pipeline(request.load, stage1_only=settings.stage1_only), settings,
+                    overwrite=overwrite, fmt=fmt, quality=quality,
                     overlap=overlap, events=view,
                 )
-        except batch.BatchInterrupted as stop:
+        except BatchInterrupted as stop:
             summary = stop.summary
     view.print_summary(summary)
     if json_lines:
@@ -142,34 +145,32 @@ def run_batch_command(
     return summary.exit_code
 
 
-def _with_guidance_maps(opts: RestoreOptions, entries, outdir: Path, map_dir: Path) -> RestoreOptions:
-    """`--save-guidance-map DIR`: each image's map at DIR/<its output's subfolder>/<input stem>_guidance.png.
-    A map is written right after its image, by the same rules (never over an input; kept unless
-    --overwrite); an image skipped because its output exists gets no map."""
+def _with_guidance_maps(settings, entries, outdir: Path, map_dir: Path) -> list:
+    """`--save-guidance-map DIR`: each image's map at DIR/<its output's subfolder>/<name>_guidance.png, named
+    by the output-naming rule. A map is written right after its image, by the same rules (never over an
+    input; kept unless --overwrite); an image skipped because its output exists gets no map."""
     import dataclasses
 
-    from ..run.loop import Job
-    from ..run.outputs import output_name
-    from ..run.files import GUIDANCE_MAPS
+    from ..run.plan import Job, plan_guidance_maps
 
-    if opts.stage1_only:
+    if settings.stage1_only:
         raise UsageError("--save-guidance-map needs stage 2; it cannot be combined with --stage1-only")
     if map_dir.exists() and not map_dir.is_dir():
         raise UsageError(f"--save-guidance-map {map_dir}: not a folder (`restore batch` writes one map per image)")
-    maps = {}
-    for job in entries:
-        if isinstance(job, Job):
-            sub = Path(os.path.relpath(Path(job.output).parent, outdir))
-            maps[job.input] = str(map_dir / sub / output_name(job.input, "_guidance", "png"))
-    inputs = {os.path.abspath(path) for path in maps}
-    clash = next((path for path in maps.values() if os.path.abspath(path) in inputs), None)
-    if clash is not None:
-        raise UsageError(f"--save-guidance-map {map_dir}: the map {clash} would overwrite an input; choose another folder")
-    return dataclasses.replace(opts, extra={**opts.extra, GUIDANCE_MAPS: maps})
+    entries, maps = plan_guidance_maps(entries, outdir, map_dir)
+    return [dataclasses.replace(e, guidance_map=maps[e.input]) if isinstance(e, Job) else e for e in entries]
+
+
+def _renamed(entries, suffix: str, fmt: str | None) -> list[tuple[str, str]]:
+    """(input, output) of the entries whose output the naming rule did not give the plain name."""
+    from ..run.outputs import output_name
+
+    return [(e.input, e.output) for e in entries if e.output is not None and getattr(e, "status", None) != "failed"
+            and Path(e.output).name != output_name(Path(e.input).name, suffix, fmt)]
 
 
 def _output_dir(directory: str | None, output: str | None, from_list: str | None) -> Path:
-    from ..run.loop import default_output_dir
+    from ..run.discovery import default_output_dir
 
     if directory is None and from_list is None:
         raise UsageError("give a folder (`restore batch DIR`) or a list of files (`--from-list FILE`)")
@@ -194,11 +195,12 @@ class BatchView:
     """Progress on stderr (a rich bar on a terminal, a plain line every 15 s otherwise), one `error:`
     line per failed file as it happens, JSON lines on stdout with --json, and the final summary."""
 
-    def __init__(self, out: Output, entries, *, json_lines: bool):
-        from ..run.loop import Job
+    def __init__(self, out: Output, entries, *, json_lines: bool, renamed=()):
+        from ..run.plan import Job
 
         self.out = out
         self.json_lines = json_lines
+        self.renamed = list(renamed)
         self.total = len(entries)
         self.jobs_left = sum(isinstance(e, Job) for e in entries)
         self.done = self.ok = self.skipped = self.failed = 0
@@ -302,6 +304,10 @@ class BatchView:
         if summary.ok and summary.seconds > 0:
             text += f" ({summary.ok / summary.seconds * 60:.1f} images/min)"
         self.out.info(text)
+        if self.renamed:
+            source, output = self.renamed[0]
+            self.out.info(f"{_count(len(self.renamed), 'output')} named with the source extension (several inputs share "
+                          f"the name), e.g. {source} -> {output}")
         if summary.failures:
             self.out.info("failed:")
             for failure in summary.failures:

@@ -1,9 +1,10 @@
-"""The restoration options shared by `restore IMAGE...` and `restore batch DIR`, defined once.
+"""The restoration options of `restore IMAGE...` and `restore batch DIR`, generated from the settings.
 
-Each option is an `Annotated` alias with its help text (as huggingface_hub's CLI does); the
-`restore_options` decorator appends them all to a command's signature and hands the command one
-`RestoreOptions` object instead of forty keyword arguments. The flag names are a contract
-(`../shared/reference/cases.json` calls the CLI with them): add flags, never rename them.
+Every leaf of `LoadSettings` and `RestoreSettings` (restorecli.settings) becomes one option: its flag,
+help, panel and default come from the field, enumerated settings are real choices (``--help`` lists
+them, shell completion completes them). `restore_options` appends them to a command and hands it one
+`RunRequest` instead of forty keyword arguments. The flag names are a contract (the reference CLI cases
+call them): add settings freely, never rename a flag.
 """
 
 from __future__ import annotations
@@ -11,98 +12,111 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from typing import Annotated, Optional
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ..errors import UsageError
-from ..settings.defaults import RestoreOptions
+from ..settings import LoadSettings, RestoreSettings, SettingError, default_settings, leaves
+from ..settings.spec import GUIDANCE, HARDWARE, MODEL, SAMPLING
 
-MODEL = "Model"
-SAMPLING = "Sampling"
-GUIDANCE = "Restoration guidance"
-HARDWARE = "Tiling and hardware"
-
-
-def _opt(*names: str, help: str, panel: str, **kw):
-    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=kw.pop("show_default", True), **kw)
-
-
-def parse_size(text: str | None) -> int | None:
-    """'8GB', '512MiB', '2.5G', '1000000' -> bytes (powers of 1024 for every unit)."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"`--max-memory` must look like 8GB, 512MB or a byte count; got {text!r}")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    return int(value * 1024 ** " kmgt".index(unit or " "))
+LOAD_LEAVES = leaves(LoadSettings)
+RUN_LEAVES = leaves(RestoreSettings)
+#: --help shows the panels in this order (each panel's options in declaration order)
+PANELS = (MODEL, SAMPLING, GUIDANCE, HARDWARE)
+#: flat setting name -> its CLI flag
+FLAG_OF = {leaf.name: leaf.flag for leaf in LOAD_LEAVES + RUN_LEAVES}
 
 
-# name -> (annotation, default); order = order in --help
-RESTORE_PARAMS: dict[str, tuple[object, object]] = {
-    # model
-    "model": (Annotated[str, _opt("--model", "-m", help="Model version (v1, v2, v2.1) or a model description JSON file.", panel=MODEL)], "v2.1"),
-    "task": (Annotated[str, _opt("--task", help="What to restore: sr (blind super-resolution), denoise, face (aligned 512x512 faces).", panel=MODEL)], "sr"),
-    "upscale": (Annotated[Optional[float], _opt("--upscale", "-s", help="Output size relative to the input. [default: 4 for sr, 1 for denoise/face]", panel=MODEL, show_default=False)], None),
-    "cleaner": (Annotated[Optional[str], _opt("--cleaner", help="Stage-1 model: a pinned cleaner name (see `restore weights list`) or any image-to-image model file spandrel loads (Real-ESRGAN, SwinIR, HAT, DAT, SCUNet...). [default: the version's cleaner]", panel=MODEL, show_default=False)], None),
-    "stage1_only": (Annotated[bool, _opt("--stage1-only", help="Write the stage-1 (degradation removal) result and stop; no diffusion weights needed.", panel=MODEL)], False),
-    "weights_dir": (Annotated[Optional[str], _opt("--weights-dir", envvar="RESTORE_WEIGHTS_DIR", help="Folder of checkpoint files you already have (found by file name, verified by sha256).", panel=MODEL, show_default=False)], None),
-    # sampling
-    "sampler": (Annotated[Optional[str], _opt("--sampler", help="Sampler: spaced, ddim, dpm++_m2, edm_euler, edm_euler_a, edm_heun, edm_dpm_2, edm_dpm_2_a, edm_lms, edm_dpm++_2s_a, edm_dpm++_sde, edm_dpm++_2m, edm_dpm++_2m_sde, edm_dpm++_3m_sde. [default: per version]", panel=SAMPLING, show_default=False)], None),
-    "steps": (Annotated[Optional[int], _opt("--steps", help="Sampling steps. [default: 10; v2: 50]", panel=SAMPLING, show_default=False)], None),
-    "seed": (Annotated[int, _opt("--seed", help="Seed of the one CPU generator that draws all noise (same seed + inputs + device = same bytes).", panel=SAMPLING)], 231),
-    "cfg": (Annotated[Optional[float], _opt("--cfg", help="Classifier-free guidance scale (1 = no unconditional pass). [default: 6; v2: 4]", panel=SAMPLING, show_default=False)], None),
-    "rescale_cfg": (Annotated[bool, _opt("--rescale-cfg", help="Ramp the cfg scale from 1 (t=1000) to 1+cfg (t=0), as the official --rescale_cfg.", panel=SAMPLING)], False),
-    "prompt": (Annotated[Optional[str], _opt("--prompt", "-p", help="Positive prompt. [default: the official long quality prompt; v2: empty]", panel=SAMPLING, show_default=False)], None),
-    "negative_prompt": (Annotated[Optional[str], _opt("--negative-prompt", "-n", help="Negative prompt (the unconditional branch of cfg). [default: per version]", panel=SAMPLING, show_default=False)], None),
-    "captioner": (Annotated[str, _opt("--captioner", help="Image captioner prepended to the prompt; only `none` for now.", panel=SAMPLING)], "none"),
-    "strength": (Annotated[float, _opt("--strength", help="Control strength: scales every IRControlNet residual.", panel=SAMPLING)], 1.0),
-    "start_point": (Annotated[str, _opt("--start-point", help="Start from pure noise, or from the condition latent noised to t=999 (`cond`).", panel=SAMPLING)], "noise"),
-    "noise_aug": (Annotated[int, _opt("--noise-aug", help="Noise the condition latent to this timestep first (0 = off).", panel=SAMPLING)], 0),
-    "s_churn": (Annotated[float, _opt("--s-churn", help="EDM samplers: churn (extra noise per step).", panel=SAMPLING)], 0.0),
-    "s_tmin": (Annotated[float, _opt("--s-tmin", help="EDM samplers: churn only for sigma >= this.", panel=SAMPLING)], 0.0),
-    "s_tmax": (Annotated[float, _opt("--s-tmax", help="EDM samplers: churn only for sigma <= this.", panel=SAMPLING)], 300.0),
-    "s_noise": (Annotated[float, _opt("--s-noise", help="EDM samplers: noise multiplier.", panel=SAMPLING)], 1.0),
-    "eta": (Annotated[float, _opt("--eta", help="Ancestral/SDE EDM samplers: amount of fresh noise (DDIM ignores it, as upstream).", panel=SAMPLING)], 1.0),
-    "order": (Annotated[int, _opt("--order", help="edm_lms: order of the linear multistep method.", panel=SAMPLING)], 1),
-    "color_fix": (Annotated[str, _opt("--color-fix", help="Colour correction toward the stage-1 image: wavelet, adain or none.", panel=SAMPLING)], "wavelet"),
-    # guidance
-    "guidance": (Annotated[float, _opt("--guidance", help="Restoration guidance scale: pulls the result toward the stage-1 image (0 = off).", panel=GUIDANCE)], 0.0),
-    "guidance_loss": (Annotated[str, _opt("--guidance-loss", help="w_mse (region-adaptive: strong in flat areas, weak on edges) or mse.", panel=GUIDANCE)], "w_mse"),
-    "guidance_space": (Annotated[str, _opt("--guidance-space", help="Compute the guidance loss on the latent or on the decoded rgb image.", panel=GUIDANCE)], "latent"),
-    "guidance_start": (Annotated[int, _opt("--guidance-start", help="Guide only while t < this (t counts down from 1000).", panel=GUIDANCE)], 1001),
-    "guidance_stop": (Annotated[int, _opt("--guidance-stop", help="Guide only while t > this.", panel=GUIDANCE)], -1),
-    "guidance_repeat": (Annotated[int, _opt("--guidance-repeat", help="Guidance gradient steps per sampling step.", panel=GUIDANCE)], 1),
-    # tiling and hardware
-    "tile_size": (Annotated[Optional[int], _opt("--tile-size", help="Tiled sampling: tile size in pixels (multiple of 64). [default: automatic]", panel=HARDWARE, show_default=False)], None),
-    "tile_stride": (Annotated[Optional[int], _opt("--tile-stride", help="Tiled sampling: tile stride in pixels. [default: tile size / 2]", panel=HARDWARE, show_default=False)], None),
-    "cleaner_tile_size": (Annotated[Optional[int], _opt("--cleaner-tile-size", help="Tiled stage 1: tile size in pixels (multiple of 64). [default: automatic]", panel=HARDWARE, show_default=False)], None),
-    "cleaner_tile_stride": (Annotated[Optional[int], _opt("--cleaner-tile-stride", help="Tiled stage 1: tile stride in pixels. [default: tile size / 2]", panel=HARDWARE, show_default=False)], None),
-    "device": (Annotated[str, _opt("--device", help="auto, cpu, cuda (or cuda:N) or mps.", panel=HARDWARE)], "auto"),
-    "precision": (Annotated[Optional[str], _opt("--precision", help="fp32, fp16 or bf16. [default: fp16 on CUDA, fp32 elsewhere]", panel=HARDWARE, show_default=False)], None),
-    "max_memory": (Annotated[Optional[str], _opt("--max-memory", help="Cap on the memory tiling plans for, e.g. 8GB. [default: what the device has free]", panel=HARDWARE, show_default=False)], None),
-    "offload": (Annotated[bool, _opt("--offload", help="Keep idle submodules on the CPU (small GPUs).", panel=HARDWARE)], False),
-    "compile": (Annotated[bool, _opt("--compile", help="torch.compile the UNet and ControlNet (slow first image, faster after).", panel=HARDWARE)], False),
-}
+@dataclass(frozen=True)
+class RunRequest:
+    """What the restoration flags asked for: how to load the pipeline, and the settings of every image
+    (the version's and task's defaults with the flags that were given)."""
+
+    load: LoadSettings = field(default_factory=LoadSettings)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> RestoreSettings:
+        return default_settings(self.load.version, self.load.task).replace(**self.overrides)
+
+
+def cli_wording(text: str) -> str:
+    """A library message in the CLI's words: every backticked setting name becomes its flag
+    (`steps` -> `--steps`, `restoration_guidance` -> `--guidance`)."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: f"`{FLAG_OF[m.group(1)]}`" if m.group(1) in FLAG_OF else m.group(0),
+                  text)
+
+
+def _value_type(leaf) -> Any:
+    kind = leaf.type
+    if typing.get_origin(kind) is typing.Union:
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    if leaf.spec.choices is not None:
+        return leaf.spec.choices
+    if leaf.spec.parse is not None:
+        return str
+    return kind
+
+
+def _help(leaf) -> str:
+    text = leaf.spec.help
+    if leaf.spec.choices is not None and leaf.spec.choices.__name__ == "Sampler":
+        text += " One of: " + ", ".join(leaf.spec.choices.values()) + "."
+    default = leaf.spec.default_text
+    if default is None and leaf.default is not None and leaf.default is not False:
+        default = leaf.default.value if hasattr(leaf.default, "value") else leaf.default
+        if isinstance(default, float) and default.is_integer():
+            default = int(default)
+    return f"{text} [default: {default}]" if default is not None else text
+
+
+def _parameter(leaf) -> inspect.Parameter:
+    option = typer.Option(
+        *leaf.spec.flags, help=_help(leaf), rich_help_panel=leaf.spec.panel, show_default=False,
+        envvar=leaf.spec.envvar, metavar=leaf.spec.metavar,
+    )
+    annotation = Annotated[Optional[_value_type(leaf)], option]
+    return inspect.Parameter(leaf.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=None)
+
+
+def _given(leaf, value) -> Any:
+    if hasattr(value, "value") and leaf.spec.choices is not None:
+        value = value.value
+    if leaf.spec.parse is not None and isinstance(value, str):
+        value = leaf.spec.parse(value)
+    return value
+
+
+def request_from_flags(values: dict[str, Any]) -> RunRequest:
+    """The RunRequest of parsed flag values ({flat name: value or None}); bad values are UsageErrors
+    worded with the flags."""
+    try:
+        load = LoadSettings(**{leaf.name: _given(leaf, values[leaf.name]) for leaf in LOAD_LEAVES
+                               if values.get(leaf.name) is not None})
+        overrides = {leaf.name: _given(leaf, values[leaf.name]) for leaf in RUN_LEAVES
+                     if values.get(leaf.name) is not None}
+        request = RunRequest(load, overrides)
+        request.settings  # validate now, before any model loads
+    except SettingError as exc:
+        raise UsageError(cli_wording(str(exc))) from None
+    return request
 
 
 def restore_options(command):
-    """Append RESTORE_PARAMS to `command`'s signature; call it with `opts=RestoreOptions(...)`."""
+    """Append one option per setting to `command`'s signature; call it with `request=RunRequest(...)`."""
     own = inspect.signature(command, eval_str=True)
-    own_params = [p for name, p in own.parameters.items() if name != "opts"]
-    extra = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
-        for name, (ann, default) in RESTORE_PARAMS.items()
-    ]
+    own_params = [p for name, p in own.parameters.items() if name != "request"]
     own_params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind != p.KEYWORD_ONLY else p for p in own_params]
+    ordered = sorted(LOAD_LEAVES + RUN_LEAVES, key=lambda leaf: PANELS.index(leaf.spec.panel))
+    extra = [_parameter(leaf) for leaf in ordered]
 
     @functools.wraps(command)
     def wrapper(**kwargs):
-        values = {name: kwargs.pop(name) for name in RESTORE_PARAMS}
-        values["max_memory"] = parse_size(values["max_memory"])
-        opts = RestoreOptions(**values)
-        return command(opts=opts, **kwargs)
+        values = {leaf.name: kwargs.pop(leaf.name) for leaf in LOAD_LEAVES + RUN_LEAVES}
+        return command(request=request_from_flags(values), **kwargs)
 
     del wrapper.__wrapped__
     wrapper.__signature__ = own.replace(parameters=own_params + extra)

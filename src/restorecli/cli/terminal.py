@@ -1,7 +1,8 @@
 """Terminal output for the CLI: results on stdout, everything else on stderr.
 
-Only `cli.py` (and the CLI helpers next to it) use this module; the library reports through
-`logging` (logger "restorecli") and callbacks, and never prints.
+Only the `restorecli.cli` package uses this module; the library reports through `logging` (logger
+"restorecli") and callbacks, and never prints. Library messages name settings by their Python names in
+backticks; here they are worded with the CLI's flags (`cli_wording`).
 """
 
 from __future__ import annotations
@@ -9,11 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import Annotated
+
+import typer
 
 from rich.console import Console
 from rich.logging import RichHandler
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")]
+
+
+def _wording(text: str) -> str:
+    from .options import cli_wording
+
+    return cli_wording(text)
 
 
 class Output:
@@ -22,7 +35,6 @@ class Output:
     def __init__(self, level: int = NORMAL):
         self.level = level
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
-        self.out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
     # -- stderr ---------------------------------------------------------------------------
     def info(self, message: str) -> None:
@@ -34,12 +46,12 @@ class Output:
             self.err.print(message, markup=False, style="dim")
 
     def warning(self, message: str) -> None:
-        self.err.print(f"warning: {message}", markup=False, style="yellow")
+        self.err.print(f"warning: {_wording(message)}", markup=False, style="yellow")
 
     def error(self, message: str, hint: str | None = None) -> None:
-        self.err.print(f"error: {message}", markup=False, style="bold red")
+        self.err.print(f"error: {_wording(message)}", markup=False, style="bold red")
         if hint:
-            self.err.print(f"hint: {hint}", markup=False, style="dim")
+            self.err.print(f"hint: {_wording(hint)}", markup=False, style="dim")
 
     def step_progress(self, label: str):
         """A context manager yielding an `on_step(done, total)` callback that draws a rich bar on stderr
@@ -64,6 +76,33 @@ class Output:
         sys.stdout.flush()
 
 
+class _Current:
+    """The Output of this invocation (the app callback or a subcommand's -q/-v sets it); `main` reports
+    errors through it."""
+
+    out = Output(NORMAL)
+
+
+def current() -> Output:
+    return _Current.out
+
+
+def use_verbosity(quiet: bool = False, verbose: bool = False) -> Output:
+    """-q / -v given to the app or to a subcommand: the Output (and log level) they ask for."""
+    if quiet or verbose:
+        level = QUIET if quiet else VERBOSE
+        _Current.out = Output(level)
+        setup_logging(level)
+    return _Current.out
+
+
+class _FlagWording(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = _wording(record.getMessage())
+        record.args = None
+        return True
+
+
 def setup_logging(level: int) -> None:
     """Route the library's `logging` records to stderr through rich, at the CLI's verbosity."""
     logger = logging.getLogger("restorecli")
@@ -72,6 +111,7 @@ def setup_logging(level: int) -> None:
         console=Console(stderr=True), show_time=False, show_path=False, markup=False, rich_tracebacks=False
     )
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_FlagWording())
     logger.addHandler(handler)
     logger.propagate = False
     logger.setLevel({QUIET: logging.ERROR, NORMAL: logging.WARNING, VERBOSE: logging.DEBUG}[level])

@@ -12,6 +12,7 @@ import typer
 
 from .. import weights
 from ..errors import RestoreError, UsageError, WeightsError
+from .terminal import current
 
 weights_app = typer.Typer(
     help="List, download and verify the pinned checkpoints (weights.toml).\n\n"
@@ -55,9 +56,7 @@ STATE = {
 
 
 def _out():
-    from .app import State  # imported late: cli.py imports this module while it loads
-
-    return State.out
+    return current()
 
 
 def _select(names: list[str] | None, model: str | None, task: str | None, *, default_all: bool, verb: str) -> list[weights.WeightEntry]:

@@ -17,7 +17,7 @@ __all__ = ["ControlCondition", "ControlledModel"]
 class ControlCondition:
     """One IRControlNet conditioning: ``c_txt`` (B, 77, D), ``c_img`` (B, 4, h, w), control strength.
 
-    The uncond branch uses the negative-prompt embedding and the SAME ``c_img`` (PIPELINE.md 5.2).
+    The uncond branch uses the negative-prompt embedding and the SAME ``c_img`` .
     """
 
     c_txt: torch.Tensor

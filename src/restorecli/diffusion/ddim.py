@@ -1,6 +1,6 @@
 """``ddim``: deterministic DDIM (Song et al. 2021), as the official DiffBIR pipeline runs it.
 
-Official ``diffbir/sampler/ddim_sampler.py`` (DDIMSampler.p_sample / sample), PIPELINE.md 6.3, 10.3.
+Official ``diffbir/sampler/ddim_sampler.py`` (DDIMSampler.p_sample / sample).
 Quirks kept because published results depend on them: eta is always 0 (the pipeline hard-codes it, so
 ``--eta`` does not apply), timesteps are ``range(0, T, T // N) + 1`` (more than N steps when T % N != 0),
 the first model call is at 1 + k*(T // N) (901 for N=10, never 999), sampling ends at the acp[0] noise

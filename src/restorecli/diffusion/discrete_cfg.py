@@ -1,6 +1,6 @@
 """CFG on the raw model output at one integer timestep, as the official ``spaced`` and ``ddim`` samplers do it.
 
-Both (``diffbir/sampler/spaced_sampler.py``, ``ddim_sampler.py``; PIPELINE.md 5.2) feed the whole batch the
+Both (``diffbir/sampler/spaced_sampler.py``, ``ddim_sampler.py``;) feed the whole batch the
 label tau, take the scale at tau, skip the uncond branch when that scale is exactly 1, and combine the raw
 outputs (eps or v) before any conversion to x0. EDM combines the denoised D and DPM-Solver combines eps,
 so they do not use this.

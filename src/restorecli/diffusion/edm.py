@@ -1,6 +1,6 @@
 """The EDM denoiser: a VP eps / v model seen as D(x; sigma) in the VE frame (Karras et al. 2022, Table 1).
 
-Official ``diffbir/sampler/edm_sampler.py`` (``EDMSampler.convert_to_denoiser``), PIPELINE.md 6.5:
+Official ``diffbir/sampler/edm_sampler.py`` (``EDMSampler.convert_to_denoiser``):
 
 eps model  ``D = x - sigma F(c_in x, t(sigma))``
 v model    ``D = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) F(c_in x, t(sigma))``

@@ -1,15 +1,15 @@
 """Region-adaptive restoration guidance: pull every denoising step toward the stage-1 image.
 
 DiffBIR's training-free guidance (arXiv 2308.15070, sec. 3.3), exactly as the v2-era official code
-computes it (PIPELINE.md 7.2; official 70c0944 ``utils/cond_fn.py`` ``MSEGuidance`` /
+computes it (official 70c0944 ``utils/cond_fn.py`` ``MSEGuidance`` /
 ``WeightedMSEGuidance`` and ``utils/sampler.py`` ``SpacedSampler.apply_cond_fn``). HEAD no longer applies
-it (PIPELINE.md 7.1), so the v2-era code is the reference; golden data: reference ``golden/guidance``.
+it , so the v2-era code is the reference; golden data: reference ``golden/guidance``.
 
 At the first model evaluation of every solver step whose ``t_now = model_t + 1`` lies strictly inside
 ``(stop, start)``, ``repeat`` times::
 
     latent space  tgt = scale_factor * (mu + std * z)   posterior SAMPLE of the target, z ~ N(0, I)
-                  pred = x0                            (one draw per repeat from the image's generator)
+                  pred = x0                            (one draw per repeat; which stream: see below)
     rgb space     tgt = target;  pred = D(x0 / scale_factor), with autograd through the VAE decoder
     L  = sum_batch mean_{C,H,W}( W * (pred - tgt)^2 )   W = 1 (mse) or the region weight map (w_mse)
     g  = -dL/dpred * scale * 3000
@@ -43,10 +43,20 @@ edm_*         1 - sigma_next / sigma     the step's denoised D is shifted by dx0
                                          D in their history.
 ============  =========================  ==========================================================
 
-(dx0 = g / c.) Latent space draws its posterior samples when the hook runs: before the step's own
-draw for spaced / ddim, after the churn draw that edm_euler / heun / dpm_2 make at the top of a step.
+(dx0 = g / c.)
 
-Beyond upstream (which only had the spaced sampler, eps models, no tiling; DESIGN.md "match or fix"):
+Where the posterior samples come from (latent space; rgb space draws nothing). ``spaced``: from the
+image's generator when the hook runs, before the step's own draw: the v2-era order its golden runs fix.
+Every other sampler (upstream never guided them, so the behaviour is ours to define): from a SEPARATE
+stream, ``GeneratorNoise.derived("guidance")`` (a second CPU generator seeded from ``--seed`` by
+:func:`restorecli.diffusion.noise.derived_seed`), so the sampler's own fresh noise is the same at every
+scale: a scale s > 0 differs from 0 only by the pull toward the stage-1 image, and that pull (target
+noise included) is proportional to s, so ``--guidance 0`` is the limit of small scales instead of a jump
+to a new noise realisation. The samples are kept rather than replaced by the posterior mode: the loss
+then stays the v2-era one on every sampler, and on a VAE whose posterior is not narrow (the tiny test
+VAEs) the mode would be a different target, which nothing here could show harmless for every checkpoint.
+
+Beyond upstream (which only had the spaced sampler, eps models, no tiling):
 
 * Every sampler family, eps and v models: the table above.
 * ``w_mse`` in latent space (upstream crashes: 3-channel grey kernel on a 4-channel latent): the weight
@@ -64,20 +74,22 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from ..settings.choices import GUIDANCE_LOSSES, GUIDANCE_SPACES
+from ..settings.tree import GuidanceSettings
 from .hooks import X0HookContext
-from .noise import NoiseSource
+from .noise import GUIDANCE_STREAM, GeneratorNoise, NoiseSource
+from ..vae import VAE_SCALE
 
 __all__ = [
     "GUIDANCE_LOSSES",
     "GUIDANCE_SPACES",
     "GRADIENT_SCALE",
+    "V2_DRAW_ORDER",
     "GuidanceSettings",
     "RestorationGuidance",
     "weight_map",
@@ -88,8 +100,6 @@ __all__ = [
 
 log = logging.getLogger("restorecli.guidance")
 
-GUIDANCE_LOSSES = ("w_mse", "mse")
-GUIDANCE_SPACES = ("latent", "rgb")
 #: Upstream multiplies the user's scale by 3000 (``Guidance.__init__``: ``self.scale = scale * 3000``).
 GRADIENT_SCALE = 3000.0
 #: ITU-R BT.601 luma weights as ``WeightedMSEGuidance._get_weight`` writes them.
@@ -99,49 +109,11 @@ SOBEL_X = ((1.0, 0.0, -1.0), (2.0, 0.0, -2.0), (1.0, 0.0, -1.0))
 SOBEL_Y = ((1.0, 2.0, 1.0), (0.0, 0.0, 0.0), (-1.0, -2.0, -1.0))
 #: Side of the non-overlapping blocks whose gradient magnitudes are SUMMED (upstream's "block_mean").
 BLOCK = 2
-#: Pixels per latent pixel of the SD VAE (the latent-space weight map is pooled by this).
-VAE_SCALE = 8
+#: Sampler families whose guided runs keep the v2-era draw order (posterior samples from the image's
+#: generator, interleaved with the sampler's draws): only the one upstream guided, pinned by golden runs.
+V2_DRAW_ORDER = frozenset({"spaced"})
 
 
-@dataclass(frozen=True)
-class GuidanceSettings:
-    """The six ``--guidance*`` options (official v2-era defaults, PIPELINE.md 7.2).
-
-    ``scale``: the official ``--g_scale`` (0 = off); ``loss``: w_mse | mse; ``space``: latent | rgb;
-    guidance acts while ``stop < t + 1 < start`` (model timestep t, counting down from 999); ``repeat``
-    gradient steps per sampling step.
-    """
-
-    scale: float = 0.0
-    loss: str = "w_mse"
-    space: str = "latent"
-    start: int = 1001
-    stop: int = -1
-    repeat: int = 1
-
-    def __post_init__(self):
-        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale >= 0):
-            raise UsageError(f"`guidance` must be a finite number >= 0, got {self.scale}")
-        if self.loss not in GUIDANCE_LOSSES:
-            raise UsageError(f"`guidance_loss` must be one of {', '.join(GUIDANCE_LOSSES)}; got {self.loss!r}")
-        if self.space not in GUIDANCE_SPACES:
-            raise UsageError(f"`guidance_space` must be one of {', '.join(GUIDANCE_SPACES)}; got {self.space!r}")
-        if int(self.start) <= int(self.stop):
-            raise UsageError(
-                "`guidance_start` must be greater than `guidance_stop` (guidance acts while stop < t < start, "
-                f"t counting down from 1000); got start {self.start}, stop {self.stop}"
-            )
-        if int(self.repeat) < 1:
-            raise UsageError(f"`guidance_repeat` must be >= 1, got {self.repeat}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.scale > 0
-
-    def active_at(self, model_t: float) -> bool:
-        """``stop < t_now < start`` (strict) with ``t_now = model_t + 1`` (``apply_cond_fn``)."""
-        t_now = model_t + 1
-        return self.stop < t_now < self.start
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,7 +121,7 @@ class GuidanceSettings:
 
 
 def weight_map(image: torch.Tensor) -> torch.Tensor:
-    """Weight ``1 - tanh(S)`` per 2x2 block, S = SUM of the Sobel magnitude over the block (PIPELINE.md 7.2).
+    """Weight ``1 - tanh(S)`` per 2x2 block, S = SUM of the Sobel magnitude over the block .
 
     ``image``: (N, 3, H, W) RGB in [0, 1] (upstream passes ``(target + 1) / 2``; values are not clamped),
     H and W even. Returns (N, 1, H, W) float32 in [0, 1]: near 1 in flat regions, near 0 on edges and
@@ -220,8 +192,11 @@ class RestorationGuidance:
     ``target``: (N, 3, H, W) in [-1, 1], the stage-1 image zero-padded exactly like the stage-2 input, so
     that H, W = 8 x the latent's (``2 * pad(stage1) - 1``). ``vae``: the pipeline's ``AutoencoderKL``
     (rgb space decodes through it with autograd; latent space encodes the target once). ``noise``: the
-    image's noise source (latent space draws one posterior sample per repeat from it, at the moment the
-    hook runs: before the spaced / DDIM step's own draw). ``checkpoint``: rgb space only, recompute the
+    image's noise source; latent space draws one posterior sample per repeat from it on the ``spaced``
+    sampler, when the hook runs (before the step's own draw, the v2-era order). ``posterior_noise``: the
+    separate stream every other sampler's posterior samples come from (module doc); by default
+    ``noise.derived()`` when ``noise`` is a :class:`GeneratorNoise` (another latent-space NoiseSource must
+    pass it). ``checkpoint``: rgb space only, recompute the
     decoder's up blocks in the backward pass instead of storing their activations (diffusers' gradient
     checkpointing): same numbers, less memory, about one more decoder forward per guidance iteration.
     ``encode``: latent space only, ``target -> posterior moments (mean, logvar)`` used instead of
@@ -238,6 +213,7 @@ class RestorationGuidance:
         vae,
         latent_scale_factor: float,
         noise: NoiseSource,
+        posterior_noise: NoiseSource | None = None,
         checkpoint: bool = False,
         encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
@@ -249,6 +225,12 @@ class RestorationGuidance:
         self.vae = vae
         self.latent_scale_factor = float(latent_scale_factor)
         self.noise = noise
+        if posterior_noise is None and isinstance(noise, GeneratorNoise):
+            posterior_noise = noise.derived(GUIDANCE_STREAM)
+        if posterior_noise is None and settings.space == "latent":
+            raise ValueError("latent-space guidance needs `posterior_noise` (a stream separate from the sampler's) "
+                             "unless `noise` is a GeneratorNoise, which derives one")
+        self.posterior_noise = posterior_noise
         self.checkpoint = bool(checkpoint)
         self.encode = encode
         self.target = target.float()
@@ -257,6 +239,7 @@ class RestorationGuidance:
         self.losses: list[float] = []
         self._posterior: tuple[torch.Tensor, torch.Tensor] | None = None
         self._shift: tuple[tuple[str, int], torch.Tensor] | None = None  # (step, x0 shift) of the last guided step
+        self._warned = False
 
     # -- what the loss compares ---------------------------------------------------------------------
 
@@ -268,26 +251,34 @@ class RestorationGuidance:
 
     @torch.no_grad()
     def posterior(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the VAE posterior q(z | target), unscaled, float32; encoded once."""
+        """(mean, std) of the VAE posterior q(z | target), unscaled, float32; encoded once. A
+        half-precision VAE's moments are taken to float32 before the std is computed from them."""
         if self._posterior is None:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
             vae = self.vae
             if self.encode is not None:
-                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-                dist = DiagonalGaussianDistribution(self.encode(self.target))
+                moments = self.encode(self.target)
             else:
-                dist = vae.encode(self.target.to(device=vae.device, dtype=vae.dtype)).latent_dist
-            self._posterior = (dist.mean.float(), dist.std.float())
+                moments = vae.encode(self.target.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters
+            dist = DiagonalGaussianDistribution(moments.float())
+            self._posterior = (dist.mean, dist.std)
         return self._posterior
 
-    def latent_target(self) -> torch.Tensor:
+    def noise_for(self, family: str) -> NoiseSource:
+        """The stream a sampler family's posterior samples come from: the image's for ``spaced`` (the
+        v2-era draw order), the separate ``posterior_noise`` for every other family."""
+        return self.noise if family in V2_DRAW_ORDER else self.posterior_noise
+
+    def latent_target(self, noise: NoiseSource | None = None) -> torch.Tensor:
         """A posterior SAMPLE of the target latent, scaled: ``(mean + std * z) * scale_factor``.
 
-        ``ControlLDM.vae_encode(target, sample=True)`` of the v2-era code; z is one draw of the image's
-        generator (reference README, randomness contract item 4).
+        ``ControlLDM.vae_encode(target, sample=True)`` of the v2-era code; z is one draw of ``noise``
+        (default: the image's generator, as the v2-era code draws it).
         """
         mean, std = self.posterior()
-        return (mean + std * self.noise(mean)) * self.latent_scale_factor
+        source = self.noise if noise is None else noise
+        return (mean + std * source(mean)) * self.latent_scale_factor
 
     def decode_with_grad(self, x0: torch.Tensor) -> torch.Tensor:
         """``vae.decode(x0 / scale_factor)`` keeping the graph back to x0 (``ControlLDM.vae_decode``
@@ -307,12 +298,13 @@ class RestorationGuidance:
 
     # -- one guidance iteration ---------------------------------------------------------------------
 
-    def step(self, x0: torch.Tensor, coefficient: float) -> torch.Tensor:
-        """One iteration: x0 + (g, taken to the latent) / coefficient."""
+    def step(self, x0: torch.Tensor, coefficient: float, noise: NoiseSource | None = None) -> torch.Tensor:
+        """One iteration: x0 + (g, taken to the latent) / coefficient. ``noise``: where latent space draws
+        the target's posterior sample (default: the image's generator)."""
         s = self.settings
         rescale = torch.reciprocal(torch.tensor(coefficient, dtype=torch.float32))  # 1 / coef1, in float32 as upstream
         if s.space == "latent":
-            target = self.latent_target().to(x0.device)
+            target = self.latent_target(noise).to(x0.device)
             g, loss = guidance_gradient(x0.float(), target, _to(self.loss_weight("latent"), x0), s.scale)
             delta = g
         else:
@@ -320,7 +312,15 @@ class RestorationGuidance:
                 leaf = x0.detach().float().clone().requires_grad_(True)
                 pred = self.decode_with_grad(leaf)
                 g, loss = guidance_gradient(pred, self.target.to(pred.device), _to(self.loss_weight("rgb"), pred), s.scale)
-                (delta,) = torch.autograd.grad(pred, leaf, grad_outputs=g)
+                k = backward_scale(g, _dtype(self.vae))
+                (delta,) = torch.autograd.grad(pred, leaf, grad_outputs=g * k)
+                delta = delta / k
+            if not torch.isfinite(delta).all():
+                if not self._warned:
+                    log.warning("rgb-space guidance: the %s decoder's gradient overflowed; skipping those guidance "
+                                "steps (`precision` fp32 avoids it)", str(_dtype(self.vae)).removeprefix("torch."))
+                    self._warned = True
+                delta = torch.zeros_like(delta)
         self.applied += 1
         self.losses.append(loss)
         return (x0 + delta.to(x0.device, x0.dtype) * rescale.to(x0.device, x0.dtype))
@@ -340,13 +340,37 @@ class RestorationGuidance:
         if not (math.isfinite(c) and c > 0):
             log.debug("guidance skipped at %s step %d: x0 weight %s", ctx.family, ctx.step, c)
             return x0
-        guided = x0
+        guided, noise = x0, self.noise_for(ctx.family)
         for _ in range(int(s.repeat)):
-            guided = self.step(guided, c)
+            guided = self.step(guided, c, noise)
         self._shift = ((ctx.family, ctx.step), guided - x0)
         log.debug("guidance %s step %d/%d (t=%s): loss %.6f", ctx.family, ctx.step + 1, ctx.total, ctx.model_t,
                   self.losses[-1])
         return guided
+
+
+def backward_scale(g: torch.Tensor, dtype: torch.dtype) -> float:
+    """The power of two that brings max |g| into [1, 2) before back-propagating it through a float16
+    network, 1.0 for any other dtype.
+
+    The gradient of a mean over the image is tiny (about 2 scale * 3000 / (3 H W) per pixel: 4e-5 at
+    512x512 with scale 0.01) and float16 flushes values below 6e-8 to zero and keeps few bits below
+    6e-5, so an unscaled fp16 backward loses most of it (measured: 4% error at scale 0.01, 91% at
+    1e-4, against 0.2% at 0.5). The backward pass is linear in `g`, and scaling by a power of two is
+    exact in binary floating point, so the result is the same but for the underflow (AMP's loss
+    scaling). bf16 has float32's exponent range and needs none.
+    """
+    if dtype != torch.float16:
+        return 1.0
+    peak = float(g.detach().abs().max())
+    if not (math.isfinite(peak) and peak > 0):
+        return 1.0
+    return 2.0 ** -math.floor(math.log2(peak))
+
+
+def _dtype(module) -> torch.dtype:
+    dtype = getattr(module, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(module.parameters()).dtype
 
 
 def _to(weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

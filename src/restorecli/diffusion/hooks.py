@@ -5,7 +5,7 @@
 ``x0_hook(x0, ctx) -> x0`` sees every clean-latent prediction a solver is about to use, after
 classifier-free guidance, and may return a modified one. This is where restoration guidance acts: the
 v2-era spaced sampler changes the predicted x0 between the CFG-combined prediction and the posterior
-mean (PIPELINE.md 7.2, official 70c0944 ``utils/sampler.py SpacedSampler.apply_cond_fn``). The same point
+mean (official 70c0944 ``utils/sampler.py SpacedSampler.apply_cond_fn``). The same point
 exists in every family:
 
 ===========  ==========================================  ===========================================

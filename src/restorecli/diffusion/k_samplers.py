@@ -1,7 +1,7 @@
 """The eleven ``edm_*`` solvers, k-diffusion style: ``sample_x(denoise, x, sigmas, *, noise, knobs, on_step)``.
 
 Semantics of crowsonkb/k-diffusion ``k_diffusion/sampling.py`` as vendored by DiffBIR
-(``diffbir/sampler/k_diffusion.py`` @3f8b530), PIPELINE.md 6.5, with two deliberate differences:
+(``diffbir/sampler/k_diffusion.py`` @3f8b530), with two deliberate differences:
 
 * Every noise tensor comes from the injected :class:`~restorecli.diffusion.noise.NoiseSource` (the image's
   generator), never from ``torch.randn_like`` and the global RNG.
@@ -9,7 +9,7 @@ Semantics of crowsonkb/k-diffusion ``k_diffusion/sampling.py`` as vendored by Di
   per call of the noise sampler instead of a normalised Brownian-tree increment. Upstream seeds its
   ``torchsde.BrownianTree`` with ``torch.randint`` from the global CPU generator AFTER every module's
   random initialisation, so its results depend on the captioner, the cleaner architecture, library
-  versions, the image's position in the folder and the batch size (PIPELINE.md 10.8); a defect no result
+  versions, the image's position in the folder and the batch size ; a defect no result
   should depend on. Plain draws keep the marginal distribution of each increment (N(0, 1) after
   normalisation) and make the seed alone determine the output; they are what the golden runs and CLI
   cases of the reference data use. For 2M/3M SDE the tree is queried on disjoint intervals, whose

@@ -47,7 +47,7 @@ class SamplerSpec:
     name: str
     family: str  # "spaced" | "ddim" | "dpm_solver" | "edm"
     knobs: tuple[str, ...]  # which of s_churn, s_tmin, s_tmax, s_noise, eta, order it reads
-    draws: str  # fresh noise per run of n steps (reference README "Randomness contract")
+    draws: str  # fresh noise per run of n steps 
     solver: Callable[..., torch.Tensor] | None = None
 
 
@@ -77,12 +77,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
 
 def _check(name: str, steps: int, s_churn: float, s_noise: float, eta: float, order: int) -> SamplerSpec:
     if name not in SAMPLERS:
-        raise UsageError(f"`--sampler` must be one of {', '.join(SAMPLERS)}; got {name!r}")
+        raise UsageError(f"`sampler` must be one of {', '.join(SAMPLERS)}; got {name!r}")
     if steps < 1:
-        raise UsageError(f"`--steps` must be >= 1, got {steps}")
+        raise UsageError(f"`steps` must be >= 1, got {steps}")
     if order < 1:
-        raise UsageError(f"`--order` must be >= 1, got {order}")
-    for flag, value in (("--eta", eta), ("--s-churn", s_churn), ("--s-noise", s_noise)):
+        raise UsageError(f"`order` must be >= 1, got {order}")
+    for flag, value in (("eta", eta), ("s_churn", s_churn), ("s_noise", s_noise)):
         if not (value >= 0 and math.isfinite(value)):
             raise UsageError(f"`{flag}` must be a finite number >= 0, got {value}")
     return SAMPLERS[name]

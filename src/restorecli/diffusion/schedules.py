@@ -1,7 +1,7 @@
 """Noise schedules and the per-sampler timestep tables of the official DiffBIR samplers.
 
 Everything here reproduces the official tables exactly, quirks included, because the published results
-depend on them (PIPELINE.md 6.1-6.5, 10.3-10.5). Tables are built in float64 with numpy, as upstream
+depend on them . Tables are built in float64 with numpy, as upstream
 does, and handed to the samplers as float32 tensors (upstream's ``Sampler.register`` buffers).
 
 Official files (XPixelGroup/DiffBIR @3f8b530): ``diffbir/model/gaussian_diffusion.py`` (betas, zero-SNR,
@@ -78,7 +78,7 @@ class NoiseSchedule:
         """Forward diffusion ``sqrt(acp[t]) * x0 + sqrt(1 - acp[t]) * noise`` with float32 coefficients.
 
         As the official ``Diffusion.q_sample``: both square roots are taken in float64 and stored as
-        float32. Used for ``--start-point cond`` (t = T - 1) and ``--noise-aug t`` (PIPELINE.md 6.6, 6.7).
+        float32. Used for ``--start-point cond`` (t = T - 1) and ``--noise-aug t`` .
         """
         if not 0 <= t < self.num_timesteps:
             raise UsageError(f"q_sample timestep must be in [0, {self.num_timesteps - 1}], got {t}")
@@ -101,10 +101,10 @@ def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
     Official ``spaced_sampler.space_timesteps`` (from openai/guided-diffusion respace.py): stride
     (T-1)/(N-1), Python ``round`` (half to even) of the ACCUMULATED float, so N=50 gives
-    0, 20, 41, 61, 82, ... (PIPELINE.md 6.2). Always includes 0 and T-1.
+    0, 20, 41, 61, 82, ... . Always includes 0 and T-1.
     """
     if not 1 <= steps <= num_timesteps:
-        raise UsageError(f"`--steps` must be in [1, {num_timesteps}] for the spaced sampler, got {steps}")
+        raise UsageError(f"`steps` must be in [1, {num_timesteps}] for the spaced sampler, got {steps}")
     stride = 1 if steps <= 1 else (num_timesteps - 1) / (steps - 1)
     taken, cur = set(), 0.0
     for _ in range(steps):
@@ -161,17 +161,17 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
     """Ascending DDIM timesteps ``range(0, T, T // N) + 1`` (official ``make_ddim_timesteps("uniform")``).
 
     The +1 is upstream's ("to get the final alpha values right"): N=4 gives 1, 251, 501, 751, N=10 gives
-    1, 101, ..., 901, and when T % N != 0 there are MORE than N steps (N=30 -> 31). PIPELINE.md 6.3, 10.3.
+    1, 101, ..., 901, and when T % N != 0 there are MORE than N steps (N=30 -> 31)..
     """
     if not 1 <= steps <= num_timesteps:
-        raise UsageError(f"`--steps` must be in [1, {num_timesteps}] for the ddim sampler, got {steps}")
+        raise UsageError(f"`steps` must be in [1, {num_timesteps}] for the ddim sampler, got {steps}")
     timesteps = np.arange(0, num_timesteps, num_timesteps // steps, dtype=np.int64) + 1
     if timesteps[-1] >= num_timesteps:
         # the +1 lands on T when T - 1 is a multiple of T // N (N = 3, 9, 27, 37, 101-111, 251-333, > 500
         # for T = 1000); upstream then fails with an IndexError
         raise UsageError(
             f"the ddim sampler cannot run {steps} steps: its timesteps range(0, {num_timesteps}, "
-            f"{num_timesteps // steps}) + 1 would reach {num_timesteps}; choose another `--steps`"
+            f"{num_timesteps // steps}) + 1 would reach {num_timesteps}; choose another `steps`"
         )
     return timesteps
 
@@ -196,7 +196,7 @@ class DDIMSchedule:
         acp = schedule.alphas_cumprod
         alphas = acp[timesteps]
         alphas_prev = np.append(acp[0], acp[timesteps[:-1]])
-        eta = 0.0  # PIPELINE.md 10.3: DDIM ignores --eta
+        eta = 0.0  #: DDIM ignores --eta
         sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
         return cls(
             timesteps=timesteps,
@@ -215,7 +215,7 @@ class DDIMSchedule:
 
 @dataclass(frozen=True, eq=False)
 class EDMSchedule:
-    """Sigmas and timesteps of the official ``EDMSampler.make_schedule`` (PIPELINE.md 6.5, 10.4).
+    """Sigmas and timesteps of the official ``EDMSampler.make_schedule`` .
 
     tau = int(linspace(T-1, 0, N, endpoint=False)) (truncation; t = 0 is never evaluated), acp[tau[0]]
     is forced to 1e-8 for EVERY model (so sigma_max = 1e4, also for eps models whose true value is
@@ -229,7 +229,7 @@ class EDMSchedule:
     @classmethod
     def build(cls, schedule: NoiseSchedule, steps: int) -> "EDMSchedule":
         if steps < 1:
-            raise UsageError(f"`--steps` must be >= 1, got {steps}")
+            raise UsageError(f"`steps` must be >= 1, got {steps}")
         tau = np.linspace(schedule.num_timesteps - 1, 0, steps, endpoint=False).astype(int)
         acp = schedule.alphas_cumprod[tau].copy()
         acp[0] = 1e-8
@@ -266,7 +266,7 @@ class DPMSolverSchedule:
     half-log-SNR lambda < -5.1 are dropped (``numerical_clip_alpha``): nothing for a plain linear schedule,
     14 entries for zero-SNR (total_N = 986). Continuous time t_n = (n + 1) / total_N, log alpha(t)
     piecewise linear in t. Model time is ``(t - 1/total_N) * 1000`` even when total_N = 986, so on
-    zero-SNR models the labels are stretched by 1000/986 relative to the noise level (PIPELINE.md 6.4, 10.5).
+    zero-SNR models the labels are stretched by 1000/986 relative to the noise level .
     """
 
     CLIPPED_LAMBDA = -5.1

@@ -1,6 +1,6 @@
 """``spaced``: ancestral DDPM sampling on IDDPM-respaced timesteps (Ho et al. 2020; Nichol & Dhariwal 2021).
 
-Official ``diffbir/sampler/spaced_sampler.py`` (SpacedSampler.p_sample / sample), PIPELINE.md 6.2. The
+Official ``diffbir/sampler/spaced_sampler.py`` (SpacedSampler.p_sample / sample). The
 diffusers ``DDPMScheduler`` with custom timesteps computes the same posterior, but it draws no noise on
 the last step (upstream draws it and multiplies it by 0, which advances the generator), works on
 float32 tables instead of float64 ones cast to float32, and offers no point between the x0 prediction

@@ -1,7 +1,7 @@
 """The start latent and the condition noise augmentation, in the order of the randomness contract.
 
-Official ``diffbir/pipeline.py Pipeline.apply_cldm`` steps 3-4 (PIPELINE.md 6.6, 6.7; reference README
-"Randomness contract" draws #1 and #2): the start point is drawn first, the noise-augmentation noise
+Official ``diffbir/pipeline.py Pipeline.apply_cldm`` steps 3-4 (draws #1 and #2 of the
+seed contract): the start point is drawn first, the noise-augmentation noise
 second, then the sampler draws. Both use ``Diffusion.q_sample`` (float32 coefficients).
 """
 
@@ -28,12 +28,12 @@ def initial_latent(
     """x_T (unit variance; EDM samplers scale it themselves). Draw #1 of the run.
 
     ``noise``: ``randn(shape)``. ``cond`` (``--start-point cond``): ``q_sample(c_img, T-1, randn)`` with the
-    (padded) condition latent; on zero-SNR models acp[T-1] = 0, so it equals ``noise`` (PIPELINE.md 10.7).
+    (padded) condition latent; on zero-SNR models acp[T-1] = 0, so it equals ``noise`` .
     """
     if start_point == "noise":
         return noise.randn(shape, device)
     if start_point != "cond":
-        raise UsageError(f"`--start-point` must be noise or cond, got {start_point!r}")
+        raise UsageError(f"`start_point` must be noise or cond, got {start_point!r}")
     if c_img is None:
         raise ValueError("start_point='cond' needs the condition latent c_img")
     if tuple(c_img.shape) != tuple(shape):

@@ -1,9 +1,9 @@
-"""Tiled model evaluation: the official gaussian-blended sliding-window denoiser (PIPELINE.md 8.2).
+"""Tiled model evaluation: the official gaussian-blended sliding-window denoiser .
 
 Official ``diffbir/utils/common.py make_tiled_fn`` wrapped around ``ControlLDM.forward`` by every HEAD
 sampler when ``--cldm_tiled`` is on: at EVERY model evaluation each latent window of x_t runs with the
 condition latent cropped to the same window (full text embedding), and the outputs (eps or v) are
-blended ``sum(w * out) / sum(w)`` with ``gaussian_weights(tile, tile)`` (asymmetric, PIPELINE.md 8.1).
+blended ``sum(w * out) / sum(w)`` with ``gaussian_weights(tile, tile)`` (asymmetric).
 Tiling changes neither the schedule nor the noise draws (noise is always drawn on the whole latent).
 """
 

@@ -3,11 +3,11 @@
 The pipeline and the samplers call these:
 
 * :func:`tokenize` / :func:`encode_prompt` - OpenCLIP tokens and the penultimate-layer text embedding
-  (PIPELINE.md 4.2).
+  .
 * :func:`vae_encode` / :func:`vae_decode` - condition latent = posterior MODE * scale; decode(z / scale),
-  no clamp (PIPELINE.md 4.1, 9.1).
+  no clamp .
 * :class:`ControlledUNet` - one denoiser call ``(x_t, t, c_txt, c_img, control_scale)`` -> raw model
-  output (eps or v, as the model was trained) (PIPELINE.md 5.1).
+  output (eps or v, as the model was trained) .
 """
 
 from __future__ import annotations

@@ -286,7 +286,7 @@ def text_layers_in_checkpoint(clip_cfg: dict[str, Any]) -> int:
     return int((clip_cfg.get("text_cfg") or {}).get("layers", 12))
 
 
-# --- the full-size architecture (configs/inference/cldm.yaml at HEAD 3f8b530, PIPELINE.md 1.2) ---
+# --- the full-size architecture (configs/inference/cldm.yaml at HEAD 3f8b530) ---
 
 _SD21_ENCODER = {
     "use_checkpoint": True,

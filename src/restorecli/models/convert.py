@@ -1,7 +1,7 @@
 """Official DiffBIR / Stable Diffusion checkpoint layouts -> diffusers / transformers state dicts.
 
 Sources and what maps where (key names from ``ControlLDM.load_pretrained_sd`` and the official
-modules; full-size key/shape manifests in ``../shared/reference/manifest_full.json``):
+modules; full-size key/shape manifests in the official checkpoints' key/shape lists):
 
 * SD ldm checkpoint (``{"state_dict": ...}`` ``.ckpt`` or a flat ``.safetensors``):
   ``model.diffusion_model.*`` -> ``UNet2DConditionModel``, ``first_stage_model.*`` -> ``AutoencoderKL``,
@@ -27,12 +27,12 @@ Every result is checked against the target model's key/shape table: a missing, u
 mis-shaped tensor is a :class:`WeightsError` naming the checkpoint file.
 
 The module also holds the conversion cache: converted weights are stored as safetensors under a
-folder keyed by the source file's sha256, the target configs and :data:`CONVERTER_VERSION`.
+folder keyed by the source file's sha256 (from the weights hash cache, so a checkpoint is hashed
+once for verification and the cache together), the target configs and :data:`CONVERTER_VERSION`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from ..errors import WeightsError
+from ..weights.hashing import sha256 as cached_sha256
 
 log = logging.getLogger("restorecli.models")
 
@@ -168,56 +169,6 @@ def shapes_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 # conversion cache
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def sha256_file(path: str | os.PathLike, *, index: Path | None = None) -> str:
-    """sha256 of a file; with ``index`` (a JSON file), remembered per (resolved path, size, mtime_ns)."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise WeightsError(f"{path}: cannot read checkpoint ({exc.strerror or exc})") from None
-    key = str(path.resolve())
-    if index is not None:
-        hit = _read_json(index).get(key)
-        if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
-            return str(hit["sha256"])
-    h = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    except OSError as exc:
-        raise WeightsError(f"{path}: cannot read checkpoint ({exc.strerror or exc})") from None
-    digest = h.hexdigest()
-    if index is not None:
-        try:
-            data = _read_json(index)
-            data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-            _write_json_atomic(index, data)
-        except OSError as exc:  # a read-only cache folder only costs a re-hash next time
-            log.warning("cannot update the checksum index %s: %s", index, exc)
-    return digest
-
-
 def config_fingerprint(*configs: Any) -> str:
     """Short stable hash of the target configs (a different architecture never reuses an entry)."""
 
@@ -320,12 +271,13 @@ class ConversionCache:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
-    @property
-    def hash_index(self) -> Path:
-        return self.root / "sha256-index.json"
-
     def entry(self, kind: str, source: str | os.PathLike, fingerprint: str) -> Path:
-        digest = sha256_file(source, index=self.hash_index)
+        """The entry folder for `source` (hashed through the weights hash cache: a checkpoint that
+        `restorecli.weights.resolve` just verified is not hashed again)."""
+        try:
+            digest = cached_sha256(source)
+        except OSError as exc:
+            raise WeightsError(f"{Path(source)}: cannot read checkpoint ({exc.strerror or exc})") from None
         return self.root / f"{kind}-{digest[:16]}-{fingerprint}-c{CONVERTER_VERSION}"
 
     @staticmethod

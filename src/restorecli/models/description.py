@@ -2,7 +2,7 @@
 
 A description names a whole DiffBIR model in DiffBIR's own parameter vocabulary (the kwargs of the
 official ``SwinIR(...)``, ``ControlLDM(...)`` and ``Diffusion(...)``) plus the checkpoint files in the
-official layouts. Paths inside are relative to the JSON file. Example: ``../shared/reference/model_v.json``.
+official layouts. Paths inside are relative to the JSON file. The tests' tiny reference models are examples.
 
 This module only parses and validates; building models from it is `models.stage1` / `models.stage2`.
 """

@@ -1,7 +1,7 @@
 """Safe checkpoint loading: safetensors, or `torch.load(weights_only=True)`; never arbitrary pickles.
 
 `load_state_dict(path)` returns a flat ``{key: tensor}`` in the file's own (official) key layout,
-normalised the way DiffBIR's loader does it (PIPELINE.md 1.1, utils/common.py load_model_from_url):
+normalised the way DiffBIR's loader does it (utils/common.py load_model_from_url):
 a top-level ``state_dict`` wrapper is unwrapped (also BasicSR's ``params_ema`` / ``params``, as
 spandrel does), and a leading ``module.`` (DataParallel) is stripped from every key. Renaming official
 keys to diffusers' layout is `models/convert*.py`'s job, not this module's.

@@ -1,4 +1,5 @@
-"""RestoreOptions -> a loaded DiffBIRPipeline: device and precision, weights, cleaner, stage-2 models.
+"""LoadSettings -> the loaded components of a pipeline: device and precision, weights, cleaner, stage-2
+models (this module does not know the pipeline class; `restorecli.pipeline.build` assembles it).
 
 Weights are resolved (found, verified, downloaded) before anything is loaded, so a missing file ends
 the run within seconds with one clear line (exit 2), not after minutes of model loading.
@@ -7,64 +8,50 @@ the run within seconds with one clear line (exit 2), not after minutes of model 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from ..errors import SetupError, UsageError
-from ..settings.defaults import RestoreOptions
+from ..settings import LoadSettings, RestoreSettings, default_settings
+from .precision import resolve_device, resolve_dtype
 
 log = logging.getLogger("restorecli.pipeline.loading")
 
-PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+@dataclass
+class Components:
+    """What a DiffBIRPipeline is made of, loaded: the cleaner and its official stage-1 pipeline, the
+    stage-2 models (None for stage 1 only), the device, and the version's and task's default settings."""
+
+    cleaner: Any
+    stage1_pipeline: str
+    stage2: Any
+    device: torch.device
+    default_settings: RestoreSettings
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda if available, else mps if available, else cpu. An unavailable choice is a usage error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("`--device cuda`: no CUDA device is available here; use --device cpu")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("`--device mps`: MPS is not available here; use --device cpu")
-    return device
-
-
-def resolve_dtype(precision: str | None, device: torch.device) -> torch.dtype:
-    """fp16 on CUDA, fp32 elsewhere, unless `--precision` says otherwise (half precision on the CPU is refused)."""
-    if precision is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    dtype = PRECISION_DTYPES[precision]
-    if device.type == "cpu" and dtype == torch.float16:
-        raise UsageError("`--precision fp16` needs a GPU; on the CPU use fp32 (or bf16)")
-    return dtype
-
-
-def load_pipeline(
-    opts: RestoreOptions,
+def load_components(
+    load: LoadSettings,
     *,
-    dtype: torch.dtype | None = None,
+    stage1_only: bool = False,
+    torch_dtype: torch.dtype | None = None,
     progress: Callable | None = None,
-):
-    """Build the pipeline `opts` describe. Raises UsageError / SetupError / WeightsError (exit 2)."""
+) -> Components:
+    """Load what `load` describes (only stage 1 with `stage1_only`). Weights are resolved before anything
+    is loaded. Raises UsageError / SetupError / WeightsError (exit 2)."""
     from .. import weights
     from ..models.configs import full_size_description
     from ..models.description import load_model_description
     from ..stage1.cleaners import load_cleaner
-    from .diffbir import DiffBIRPipeline
     from ..stage1.run import plan_for_cleaner, stage1_plan
 
-    opts = opts.resolve()
+    opts = load
     if opts.task == "unaligned_face":
-        raise UsageError("--task unaligned_face (whole images with faces) is not supported yet; use sr, denoise or face")
+        raise UsageError("`task` unaligned_face (whole images with faces) is not supported yet; use sr, denoise or face")
     device = resolve_device(opts.device)
-    dtype = dtype or resolve_dtype(opts.precision, device)
+    dtype = torch_dtype or resolve_dtype(opts.precision, device)
     version = opts.version
 
     # 1. Find every file first (fast failure), then load.
@@ -72,17 +59,17 @@ def load_pipeline(
     if version == "custom":
         description = load_model_description(opts.model)
         if description.cleaner is None and opts.cleaner is None:
-            raise SetupError(f"{opts.model}: the description has no cleaner; pass --cleaner")
-        if description.cldm is None and not opts.stage1_only:
-            raise SetupError(f"{opts.model}: the description has no stage-2 (cldm) section; use --stage1-only")
-        _require_files(description, opts)
+            raise SetupError(f"{opts.model}: the description has no cleaner; pass `cleaner`")
+        if description.cldm is None and not stage1_only:
+            raise SetupError(f"{opts.model}: the description has no stage-2 (cldm) section; use `stage1_only`")
+        _require_files(description, opts, stage1_only)
         plan = stage1_plan("custom", opts.task)
         cleaner_source = description.cleaner
     else:
         plan = stage1_plan(version, opts.task)
         wiring = weights.wiring(version, opts.task)
         cleaner_source = None if opts.cleaner else weights.resolve(wiring["cleaner"], weights_dir=opts.weights_dir, progress=progress)
-        if not opts.stage1_only:
+        if not stage1_only:
             sd = weights.resolve(wiring["sd"], weights_dir=opts.weights_dir, progress=progress)
             controlnet = weights.resolve(wiring["controlnet"], weights_dir=opts.weights_dir, progress=progress)
             tokenizer = weights.tokenizer_dir(weights_dir=opts.weights_dir, progress=progress)
@@ -96,16 +83,12 @@ def load_pipeline(
     stage1_pipeline = plan.pipeline if not opts.cleaner else plan_for_cleaner(cleaner).pipeline
 
     # 3. Stage 2
-    if opts.stage1_only:
-        return DiffBIRPipeline(cleaner=cleaner, stage1_pipeline=stage1_pipeline)
+    defaults = default_settings(version, opts.task)
+    if stage1_only:
+        return Components(cleaner, stage1_pipeline, None, device, defaults)
     from ..models.stage2 import load_stage2
 
-    models = load_stage2(description, device=device, dtype=dtype)
-    pipe = DiffBIRPipeline.from_stage2_models(models, cleaner=cleaner, stage1_pipeline=stage1_pipeline)
-    prepare_for_speed(pipe, device, compile=opts.compile)
-    if opts.offload:
-        pipe.set_offload(True)
-    return pipe
+    return Components(cleaner, stage1_pipeline, load_stage2(description, device=device, dtype=dtype), device, defaults)
 
 
 def prepare_for_speed(pipe, device: torch.device, *, compile: bool = False) -> None:
@@ -152,11 +135,11 @@ def use_sdpa(module: torch.nn.Module) -> set[str]:
     return kinds
 
 
-def _require_files(description, opts: RestoreOptions) -> None:
+def _require_files(description, opts: LoadSettings, stage1_only: bool) -> None:
     paths = []
     if description.cleaner is not None and opts.cleaner is None:
         paths.append(description.cleaner.checkpoint)
-    if description.cldm is not None and not opts.stage1_only:
+    if description.cldm is not None and not stage1_only:
         paths += [description.cldm.sd_checkpoint, description.cldm.controlnet_checkpoint]
         if description.tokenizer is not None:
             paths.append(description.tokenizer)
@@ -175,7 +158,7 @@ def _cleaner_file(choice: str, weights_dir, progress) -> Path:
     try:
         weights.get_entry(choice)
     except UsageError:
-        raise UsageError(f"`--cleaner {choice}`: no such file, and not a pinned cleaner name (see `restore weights list`)") from None
+        raise UsageError(f"`cleaner` {choice!r}: no such file, and not a pinned cleaner name (see `restore weights list`)") from None
     return weights.resolve(choice, weights_dir=weights_dir, progress=progress)
 
 

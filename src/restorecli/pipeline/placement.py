@@ -61,11 +61,6 @@ class Placement:
             for m in modules:
                 _move(m, CPU)
 
-    def park(self, *modules) -> None:
-        """Idle models go to host memory when offloading."""
-        if self.offload:
-            self.to_host(*modules)
-
     @contextlib.contextmanager
     def using(self, *modules, release: bool | None = None) -> Iterator[None]:
         """On the device for the block; back to host memory afterwards if `release` (default: offload)."""

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .memory import SAFETY, available_memory, stage1_peak_bytes
+from ..vae import VAE_SCALE
 
 log = logging.getLogger("restorecli.pipeline.planning")
 
-VAE_SCALE = 8
 SAMPLING_BYTES_PER_SKIP_FLOAT = 28
 #: Bytes per channel-pixel of the widest transformer level's feed-forward (16 x its channels: the GEGLU
 #: projection, its halves and product), for UNets whose attention, not their skips, dominates.

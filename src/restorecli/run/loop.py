@@ -1,310 +1,46 @@
-"""Folder runs: find the images, plan where each output goes, restore them all, lose nothing.
+"""The run itself: restore planned files with the models loaded once, lose nothing.
 
-The library half of `restore batch DIR` (and of `restore a.png b.png -o out/`, which runs the same loop):
-
-* `discover` lists the images of a folder (`--recursive`, `--glob`); `read_list` reads `--from-list`.
-* `plan_batch` maps each input to `OUTDIR/<relative folder>/<stem><suffix>.<ext>` and decides up front
-  what need not run: an output that exists is *skipped* (a rerun resumes), an output that would
-  overwrite an input or another input's output is a *failure* of that file.
-* `run_batch` restores the planned files with the models loaded once. Reading/decoding the next image
-  and encoding/writing the previous one run in a small thread pool while the current image is on the
-  device (at most `prefetch` decoded images ahead and `MAX_PENDING_WRITES` results waiting for the
-  disk, so memory stays bounded). Results are reported in input order whatever finishes first.
+`run_batch` is the loop of `restore batch DIR` and of `restore a.png b.png -o out/`: it takes the
+entries of `run.plan` (a `Job` per image to restore, a `FileResult` for what is settled already) and
+runs the three steps of `run.steps` on each Job. Reading/decoding the next image and encoding/writing
+the previous one run in a small thread pool while the current image is on the device (at most
+`prefetch` decoded images ahead and `MAX_PENDING_WRITES` results waiting for the disk, so memory
+stays bounded). Results are reported in input order whatever finishes first.
 
 Nothing is lost: every output is written to a temp file beside it and renamed into place
-(`imageio.write_image`), so a kill at any moment leaves complete outputs plus temp files, which
-`remove_stale_temp_files` deletes when the next run starts. A bad file (unreadable, empty, truncated,
-not an image, a decompression bomb, gone since it was listed, out of memory even tiled) becomes one
-failed `FileResult` and the run goes on. Ctrl-C stops before the next image, lets the outputs already
-computed finish writing, and raises `BatchInterrupted` carrying the summary so far.
+(`images.write_image`), so a kill at any moment leaves complete outputs plus temp files, which
+`run.plan.remove_stale_temp_files` deletes when the next run starts. A bad file (unreadable, empty,
+truncated, not an image, a decompression bomb, gone since it was listed, out of memory even tiled)
+becomes one failed `FileResult` and the run goes on. Ctrl-C stops before the next image, lets the
+outputs already computed finish writing, and raises `BatchInterrupted` carrying the summary so far.
 
 Reports go through `BatchEvents` callbacks and the returned `BatchSummary`; nothing here prints.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
 import logging
-import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
-from typing import BinaryIO, Union
+from pathlib import Path
+from typing import BinaryIO
 
-from ..errors import InputError, OutputError, RestoreError, SetupError, UsageError, brief
+from ..errors import InputError, OutputError, RestoreError, brief
 from ..oom import is_out_of_memory, release_memory
-from ..settings.defaults import RestoreOptions
-from .outputs import FORMAT_EXTENSIONS, STDIO, output_name
-from .files import FileResult, Restored, read_input, run_model, write_output
+from ..settings import RestoreSettings
+from .discovery import NEEDS_PLUGIN
+from .outputs import STDIO
+from .plan import Entry, Job
+from .steps import FileResult, Restored, read_input, run_model, write_output
 
 log = logging.getLogger("restorecli.run.loop")
 
-#: File extensions (lower case) taken as images: the raster formats Pillow reads, plus photo formats it
-#: reads only with a plugin (HEIC, JPEG XL), which are reported as failures rather than silently left
-#: out. Everything else (sidecars, RAW files, videos, documents) is ignored, except files without any
-#: extension, which are taken when their content is an image.
-IMAGE_EXTENSIONS = frozenset(
-    ".png .apng .jpg .jpeg .jpe .jfif .jif .gif .bmp .dib .tif .tiff .webp .avif .avifs .jp2 .j2k .jpx .jpf "
-    ".jpc .j2c .ico .cur .icns .psd .tga .pcx .ppm .pgm .pbm .pnm .pfm .qoi .sgi .rgb .rgba .bw .ras .dds "
-    ".xbm .xpm .msp .pcd .blp .mpo .heic .heif .jxl".split()
-)
-#: Image formats this Pillow cannot decode without a plugin: their failure says so.
-NEEDS_PLUGIN = {".heic": "HEIC", ".heif": "HEIF", ".jxl": "JPEG XL"}
-#: `restore batch DIR` writes to `DIR_restored/` beside DIR unless -o says otherwise.
-DEFAULT_DIR_SUFFIX = "_restored"
 #: Results computed but not yet written that the loop lets wait for the disk before it waits itself.
 MAX_PENDING_WRITES = 2
-
-
-# -- discovery ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Source:
-    """An input and the path its output keeps under OUTDIR (its folder relative to DIR, and its name)."""
-
-    path: str
-    relative: PurePath
-
-
-@dataclass
-class Discovery:
-    sources: list[Source] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)  # not images (by extension and content)
-    failures: list[FileResult] = field(default_factory=list)  # folders that could not be listed
-
-
-def looks_like_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def discover(
-    directory: str | os.PathLike,
-    *,
-    recursive: bool = False,
-    pattern: str | None = None,
-    exclude: Iterable[str | os.PathLike] = (),
-    skip_suffix: str | None = None,
-) -> Discovery:
-    """The images in `directory`, sorted by relative path.
-
-    Taken: regular files (or links to them) whose extension is in IMAGE_EXTENSIONS (case-insensitive;
-    their content is checked when they are read, so a text file named .jpg becomes a failure), and
-    files with no extension whose content Pillow recognises. Left out: hidden files and folders (names
-    starting with "."; this includes our temp files `.<name>.<hex>.restoring.tmp`), folders in `exclude`
-    (an OUTDIR inside DIR), files whose stem ends with `skip_suffix` (our outputs, when OUTDIR is DIR),
-    and, with `pattern`, files whose relative path (when the pattern has a "/") or name does not match
-    it (fnmatch, case-insensitive). `recursive` descends into subfolders (symlinked folders are not
-    followed, so a link loop cannot trap the walk).
-    """
-    from ..imageio import is_image_file
-
-    root = Path(directory)
-    excluded = {os.path.realpath(p) for p in exclude}
-    found = Discovery()
-
-    def unlistable(err: OSError) -> None:
-        where = err.filename or str(root)
-        reason = "permission denied" if isinstance(err, PermissionError) else (err.strerror or str(err))
-        found.failures.append(FileResult(where, None, "failed", error=f"{where}: cannot list folder ({reason})"))
-
-    for folder, dirnames, filenames in os.walk(root, onerror=unlistable):
-        here = Path(folder)
-        if recursive:
-            dirnames[:] = sorted(
-                d for d in dirnames if not d.startswith(".") and os.path.realpath(here / d) not in excluded
-            )
-        else:
-            dirnames[:] = []
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            path = here / name
-            relative = path.relative_to(root)
-            if pattern is not None and not matches_pattern(relative, pattern):
-                continue
-            if skip_suffix and Path(name).stem.endswith(skip_suffix):
-                continue
-            if not (os.path.isfile(path) or os.path.islink(path)):
-                continue  # FIFOs, sockets, devices: reading one could block forever
-            if looks_like_image_name(name) or (not Path(name).suffix and is_image_file(path)):
-                found.sources.append(Source(str(path), relative))
-            else:
-                found.ignored.append(str(path))
-    found.sources.sort(key=lambda s: s.relative.as_posix())
-    return found
-
-
-def matches_pattern(relative: PurePath, pattern: str) -> bool:
-    """`--glob`: fnmatch, case-insensitive, on the relative path when the pattern has a "/", else the name."""
-    pattern = pattern.lower()
-    target = relative.as_posix() if "/" in pattern else relative.name
-    return fnmatch.fnmatchcase(target.lower(), pattern)
-
-
-def read_list(source: str | os.PathLike, *, stdin: BinaryIO | None = None) -> list[str]:
-    """`--from-list`: one path per line (`-` reads stdin); blank lines are skipped, duplicates dropped.
-
-    Paths are as given (relative ones relative to the current folder); bytes that are not UTF-8 are kept
-    as the file system's own (surrogate escapes), so any file name can be listed.
-    """
-    if os.fspath(source) == STDIO:
-        data = (stdin or sys.stdin.buffer).read()
-    else:
-        try:
-            data = Path(source).read_bytes()
-        except OSError as e:
-            raise UsageError(f"--from-list {os.fspath(source)}: cannot read ({e.strerror or e})") from None
-    paths, seen = [], set()
-    for line in data.split(b"\n"):
-        line = line.rstrip(b"\r")
-        if not line.strip():
-            continue
-        path = os.fsdecode(line)
-        key = os.path.normcase(os.path.abspath(path))
-        if key not in seen:
-            seen.add(key)
-            paths.append(path)
-    return paths
-
-
-def listed_sources(paths: Sequence[str], directory: str | os.PathLike | None) -> list[Source]:
-    """Sources of `--from-list` paths, in list order: a file inside `directory` keeps its relative
-    folder under OUTDIR, any other file goes to OUTDIR itself."""
-    root = os.path.abspath(directory) if directory is not None else None
-    sources = []
-    for path in paths:
-        relative = PurePath(Path(path).name)
-        if root is not None:
-            full = os.path.abspath(path)
-            if os.path.commonpath([root, full]) == root and full != root:
-                relative = PurePath(os.path.relpath(full, root))
-        sources.append(Source(path, relative))
-    return sources
-
-
-def default_output_dir(directory: str | os.PathLike) -> Path:
-    """`scans/` -> `scans_restored` beside it; `.` -> `../<name>_restored`."""
-    path = Path(directory)
-    if path.name in ("", ".", ".."):
-        path = Path(os.path.abspath(directory))
-    return path.with_name(path.name + DEFAULT_DIR_SUFFIX)
-
-
-# -- planning ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    """One image to restore: read `input`, write `output` ("-": stdout)."""
-
-    input: str
-    output: str
-    make_folders: bool = True  # create the output's folder when missing
-
-
-Entry = Union[Job, FileResult]
-
-
-def plan_batch(
-    sources: Sequence[Source],
-    outdir: str | os.PathLike,
-    *,
-    suffix: str = "_restored",
-    fmt: str | None = None,
-    overwrite: bool = False,
-) -> list[Entry]:
-    """A Job per source, or the FileResult that settles it without running: `skipped` when the output
-    exists (and not `overwrite`), `failed` when the output would replace an input (never allowed) or
-    the output of an earlier source (e.g. `a.png` and `a.gif` both -> `a_restored.png`)."""
-    if fmt is not None and fmt.lower() not in FORMAT_EXTENSIONS:
-        raise UsageError(f"`--format` must be png, jpg, webp or tif; got {fmt!r}")
-    if os.sep in suffix or "/" in suffix:
-        raise UsageError(f"`--suffix` must not contain a path separator; got {suffix!r}")
-    input_keys = {_key(s.path) for s in sources}
-    input_ids = {_file_id(s.path) for s in sources} - {None}
-    claimed: dict[str, str] = {}
-    entries: list[Entry] = []
-    for source in sources:
-        output = str(Path(outdir) / source.relative.parent / output_name(source.relative.name, suffix, fmt))
-        key = _key(output)
-        if key in input_keys or (_file_id(output) in input_ids and os.path.lexists(output)):
-            reason = "is an input; refusing to overwrite it (choose another -o or --suffix)"
-            entries.append(FileResult(source.path, output, "failed", error=f"{output}: {reason}"))
-        elif key in claimed:
-            reason = f"is also the output of {claimed[key]}; use --format, --suffix or separate runs"
-            entries.append(FileResult(source.path, output, "failed", error=f"{output}: {reason}"))
-        else:
-            claimed[key] = source.path
-            if os.path.lexists(output) and not overwrite:
-                entries.append(FileResult(source.path, output, "skipped"))
-            else:
-                entries.append(Job(source.path, output))
-    return entries
-
-
-def _key(path: str) -> str:
-    return os.path.normcase(os.path.abspath(path))
-
-
-def _file_id(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def output_folders(entries: Iterable[Entry]) -> list[Path]:
-    """The folders the jobs write into (where a killed run may have left temp files)."""
-    return sorted({Path(e.output).parent for e in entries if isinstance(e, Job) and e.output != STDIO})
-
-
-def remove_stale_temp_files(entries: Iterable[Entry]) -> list[Path]:
-    """Delete the temp files a killed run left in the folders these jobs write into."""
-    from ..imageio import remove_stale_temp_files as remove_in
-
-    removed = []
-    for folder in output_folders(entries):
-        if folder.is_dir():
-            removed += remove_in(folder)
-    return removed
-
-
-@contextlib.contextmanager
-def output_folder_lock(folder: str | os.PathLike):
-    """Hold an exclusive lock on `folder` for a run, so that two runs cannot write into one folder and
-    delete each other's temp files. It is a `flock` of the folder itself: no lock file is left behind,
-    and the kernel drops it when the process dies, even by `kill -9`. Where there is no flock (Windows,
-    some network file systems), the run goes on unlocked."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SetupError(
-                f"{os.fspath(folder)}: another `restore batch` is writing into this folder",
-                hint="wait for it to finish, or choose another -o",
-            ) from None
-        except OSError:
-            pass
-        yield
-    finally:
-        os.close(fd)
 
 
 # -- running -----------------------------------------------------------------------------------------
@@ -378,7 +114,7 @@ class BatchInterrupted(KeyboardInterrupt):
 def run_batch(
     entries: Sequence[Entry],
     load_pipeline: Callable[[], object],
-    opts: RestoreOptions,
+    settings: RestoreSettings,
     *,
     overwrite: bool = False,
     fmt: str | None = None,
@@ -395,7 +131,7 @@ def run_batch(
     Outputs named "-" go to `stdout` (default sys.stdout.buffer). Usage and setup errors raised by
     the pipeline (bad options, missing weights) end the run; everything else is one file's failure.
     """
-    return _BatchRun(entries, load_pipeline, opts, overwrite=overwrite, fmt=fmt, quality=quality,
+    return _BatchRun(entries, load_pipeline, settings, overwrite=overwrite, fmt=fmt, quality=quality,
                      overlap=overlap, prefetch=max(0, prefetch), events=events or BatchEvents(),
                      stdout=stdout).run()
 
@@ -407,10 +143,10 @@ class _Read:
 
 
 class _BatchRun:
-    def __init__(self, entries, load_pipeline, opts, *, overwrite, fmt, quality, overlap, prefetch, events, stdout):
+    def __init__(self, entries, load_pipeline, settings, *, overwrite, fmt, quality, overlap, prefetch, events, stdout):
         self.entries = list(entries)
         self.load_pipeline = load_pipeline
-        self.opts = opts
+        self.settings = settings
         self.overwrite, self.fmt, self.quality = overwrite, fmt, quality
         self.events = events
         self.stdout = stdout
@@ -470,7 +206,8 @@ class _BatchRun:
         self.events.started(index, job)
         t0 = time.perf_counter()
         try:
-            restored = run_model(self.pipe, read.image, self.opts, on_step=self.events.step, source=job.input)
+            restored = run_model(self.pipe, read.image, self.settings, on_step=self.events.step, source=job.input,
+                                 guidance_map=job.guidance_map)
         except (InputError, OutputError) as e:
             return FileResult(job.input, job.output, "failed", error=str(e))
         except RestoreError:

@@ -1,4 +1,4 @@
-"""Where each output goes, and the refusals that keep inputs and finished work safe.
+"""Output names and formats, and the refusals that keep inputs and finished work safe.
 
 Rules (README "Output files"):
 * `restore photo.png` writes `photo_restored.png` beside the input (`--suffix` changes `_restored`).
@@ -7,6 +7,8 @@ Rules (README "Output files"):
 * The extension is `--format`'s, else the input's when it is png/jpg/jpeg/webp/tif/tiff, else png.
 * An input is never overwritten (not even with --overwrite); an existing output is kept unless
   `--overwrite`.
+The rule for inputs that share a name (`a.jpg` + `a.tif`) is `run.plan`'s, which builds on
+`output_name` here.
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import OutputError, UsageError
+from ..errors import OutputError
+from ..images.formats import FORMAT_EXTENSIONS, STDIO, WRITABLE_EXTENSIONS
 
-STDIO = "-"
-WRITABLE_EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".tif": "tif", ".tiff": "tif"}
-FORMAT_EXTENSIONS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "tif": ".tif", "tiff": ".tif"}
 DEFAULT_SUFFIX = "_restored"
 
 
@@ -48,45 +48,8 @@ def is_directory_target(output: str) -> bool:
 @dataclass(frozen=True)
 class OutputPlan:
     input: str
-    output: str  # a path, or "-" for stdout
-
-
-def plan_outputs(
-    inputs: list[str], output: str | None, *, suffix: str = DEFAULT_SUFFIX, fmt: str | None = None
-) -> list[OutputPlan]:
-    """Map each input to its output path. Raises UsageError for impossible combinations."""
-    if fmt is not None and fmt.lower() not in FORMAT_EXTENSIONS:
-        raise UsageError(f"`--format` must be png, jpg, webp or tif; got {fmt!r}")
-    if not inputs:
-        raise UsageError("no input images given")
-    if inputs.count(STDIO) > 1:
-        raise UsageError("`-` (stdin) can be given only once")
-    if output == STDIO:
-        if len(inputs) != 1:
-            raise UsageError(f"-o - takes one input, got {len(inputs)}; use -o DIR")
-        return [OutputPlan(inputs[0], STDIO)]
-    if output is not None and not is_directory_target(output):
-        if len(inputs) != 1:
-            raise UsageError(f"-o FILE takes one input, got {len(inputs)}; use -o DIR/")
-        if fmt is None and format_of(output) is None:
-            raise UsageError(f"cannot tell the image format of {output!r} from its extension; use --format or .png/.jpg/.webp/.tif")
-        return [OutputPlan(inputs[0], output)]
-    plans = []
-    for inp in inputs:
-        if output is not None:
-            folder = Path(output)
-        elif inp == STDIO:
-            folder = Path(".")
-        else:
-            folder = Path(inp).parent
-        plans.append(OutputPlan(inp, str(folder / output_name(inp, suffix, fmt))))
-    seen: dict[str, str] = {}
-    for plan in plans:
-        key = os.path.normcase(os.path.abspath(plan.output))
-        if key in seen:
-            raise UsageError(f"{seen[key]} and {plan.input} would both be written to {plan.output}; use --suffix or separate runs")
-        seen[key] = plan.input
-    return plans
+    output: str | None  # a path, or "-" for stdout; None: no output (see error)
+    error: str | None = None  # why this input gets no output of its own (one line)
 
 
 def check_output(plan: OutputPlan, *, overwrite: bool, all_inputs: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """Stage-1 cleaners (degradation removal) loaded through spandrel.
 
 Every official DiffBIR cleaner is an architecture spandrel already detects from its state dict
-(PIPELINE.md 1.1, 3.1-3.3; reference README "spandrel check"):
+(the tests load each official layout through spandrel):
 
 * DiffBIR's SwinIR (general_swinir_v1.ckpt, realesrgan_s4_swinir_100k.pth, face_swinir_v1.ckpt): spandrel
   "SwinIR" with a pixel-unshuffle input (``conv_first.1``) and the "nearest+conv" upsampler; 1x overall.
@@ -77,7 +77,7 @@ _TRAINING_ONLY = {"drop_rate", "attn_drop_rate", "drop_path_rate", "use_checkpoi
 class Cleaner:
     """A loaded stage-1 model: spandrel's descriptor plus what restorecli needs to run it officially.
 
-    `kind` names the official pipeline the model implies (PIPELINE.md 2.3, 3): ``swinir`` (DiffBIR's
+    `kind` names the official pipeline the model implies : ``swinir`` (DiffBIR's
     unshuffle SwinIR: PIL pre-upscale, short side -> 512, zero-pad 64), ``bsrnet`` (an x4 RRDB: no
     pre-upscale, x4, then resize), ``scunet`` (replicate-pad 64, 512 rule after) or ``generic`` (any
     other spandrel model; see `restorecli.stage1.run`). `dtype` is the compute dtype actually used: the
@@ -88,6 +88,9 @@ class Cleaner:
     kind: str
     dtype: torch.dtype
     name: str = "cleaner"
+    #: the checkpoint file it was loaded from (save_pretrained copies its official keys: spandrel renames
+    #: some keys when it builds a model, so the built model's own state dict may not be detectable again)
+    source: Path | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -121,6 +124,14 @@ class Cleaner:
     @property
     def device(self) -> torch.device:
         return self.descriptor.device
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Cleaner":
+        """Move the network (weights stay float32); `dtype` changes the compute dtype where supported."""
+        if device is not None:
+            self.descriptor.to(torch.device(device))
+        if dtype is not None:
+            self.dtype = resolve_dtype(self.descriptor, dtype, self.name)
+        return self
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """torch.autocast in `dtype` (as the official Pipeline.run, loop.py), or nothing for float32."""
@@ -177,7 +188,8 @@ def load_cleaner(
     descriptor.model.requires_grad_(False)
     log.info("cleaner %s: spandrel %s, x%d, kind %s, %s", where, descriptor.architecture.id,
              descriptor.scale, kind, str(compute_dtype).removeprefix("torch."))
-    return Cleaner(descriptor=descriptor, kind=kind, dtype=compute_dtype, name=name or Path(where).name)
+    path = Path(spec.checkpoint) if spec is not None else (Path(source) if isinstance(source, (str, os.PathLike)) else None)
+    return Cleaner(descriptor=descriptor, kind=kind, dtype=compute_dtype, name=name or Path(where).name, source=path)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -197,7 +209,7 @@ def descriptor_from_state_dict(state_dict: Mapping[str, torch.Tensor], where: st
     except spandrel.UnsupportedModelError:
         raise SetupError(
             f"{where}: not a model architecture spandrel {spandrel.__version__} can detect",
-            hint="--cleaner takes a pinned cleaner name or an image-to-image model file spandrel supports",
+            hint="`cleaner` takes a pinned cleaner name or an image-to-image model file spandrel supports",
         ) from None
     except (RuntimeError, KeyError, ValueError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -213,7 +225,7 @@ def descriptor_from_state_dict(state_dict: Mapping[str, torch.Tensor], where: st
 
 
 def cleaner_kind(descriptor) -> str:
-    """Which official pipeline a spandrel model implies (PIPELINE.md 1.2, 3)."""
+    """Which official pipeline a spandrel model implies ."""
     arch = descriptor.architecture.id
     model = descriptor.model
     if (

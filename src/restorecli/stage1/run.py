@@ -3,7 +3,7 @@
 Sources: DiffBIR HEAD 3f8b530 ``diffbir/pipeline.py`` (``SwinIRPipeline`` / ``BSRNetPipeline`` /
 ``SCUNetPipeline.apply_cleaner``, ``resize_short_edge_to``, ``pad_to_multiples_of``), the
 ``after_load_lq`` functions of ``diffbir/inference/*_loop.py`` and ``utils/common.py`` ``make_tiled_fn``;
-PIPELINE.md 1.2, 2.2, 2.3, 3 and 9.3 describe them. In short (H x W input, ``--upscale u``):
+In short (H x W input, ``--upscale u``):
 
 =========  ======================  ===============================================  =====================
 pipeline   before the cleaner      cleaner                                          after
@@ -47,12 +47,12 @@ from ..windows import gaussian_weights, sliding_windows
 log = logging.getLogger("restorecli.stage1.run")
 
 PIPELINES = ("swinir", "bsrnet", "scunet", "generic")
-#: Short side the stage-2 condition needs (Pipeline.run asserts it, PIPELINE.md 2.3).
+#: Short side the stage-2 condition needs (Pipeline.run asserts it).
 CONDITION_MIN_SIDE = 512
 #: Longest side the 512 rule may stretch a thin image to. Beyond it the image is refused: a 1x300 strip
 #: at x4 would become a 512x153600 condition (78.6 MP of diffusion for a 4x1200 output).
 MAX_STRETCHED_SIDE = 16384
-#: DiffBIR's SwinIR works on 64-pixel units (8x unshuffle x 8-token windows, PIPELINE.md 3.1).
+#: DiffBIR's SwinIR works on 64-pixel units (8x unshuffle x 8-token windows).
 SWINIR_MULTIPLE = 64
 #: The official SCUNet pads to a multiple of 64 with replicate padding (diffbir/model/scunet.py, forward).
 SCUNET_MULTIPLE = 64
@@ -67,7 +67,7 @@ class Stage1Plan(NamedTuple):
     pre_upscale: bool  # PIL bicubic resize before the cleaner: by --upscale (generic: upscale/scale if larger)
 
 
-#: PIPELINE.md 1.2 (InferenceLoop.load_cleaner/load_pipeline of bsr_loop, bid_loop, bfr_loop,
+#:.2 (InferenceLoop.load_cleaner/load_pipeline of bsr_loop, bid_loop, bfr_loop,
 #: unaligned_bfr_loop). For unaligned_face this is the background; faces use FACE_CLEANER.
 _PLANS = {
     ("v1", "sr"): Stage1Plan("swinir_general", "swinir", True),
@@ -89,12 +89,12 @@ def stage1_plan(version: str, task: str) -> Stage1Plan:
     """Which cleaner and pipeline the official code uses for a model version and task.
 
     ``custom`` (a --model JSON) always runs its own SwinIR with the SwinIR pipeline, whatever the task
-    (PIPELINE.md 1.4).
+    .
     """
     if version == "custom":
         return Stage1Plan("description", "swinir", True)
     if (version, task) == ("v1", "unaligned_face"):
-        raise UsageError("--task unaligned_face needs v2 or v2.1 (v1 has no model for it)")
+        raise UsageError("`task` unaligned_face needs v2 or v2.1 (v1 has no model for it)")
     try:
         return _PLANS[(version, task)]
     except KeyError:
@@ -110,7 +110,7 @@ def plan_for_cleaner(cleaner: Cleaner) -> Stage1Plan:
 
 
 def output_size_for(h: int, w: int, upscale: float) -> tuple[int, int]:
-    """(int(H*u), int(W*u)): the official output size (truncation, PIPELINE.md 2.2-2.3)."""
+    """(int(H*u), int(W*u)): the official output size (truncation)."""
     return int(h * upscale), int(w * upscale)
 
 
@@ -127,7 +127,7 @@ def pre_upscale(rgb: np.ndarray, upscale: float) -> np.ndarray:
     if (oh, ow) == (h, w):
         return rgb.copy()
     if oh < 1 or ow < 1:
-        raise ValueError(f"--upscale {upscale} turns {w}x{h} into {ow}x{oh}")
+        raise ValueError(f"`upscale` {upscale} turns {w}x{h} into {ow}x{oh}")
     if rgb.dtype == np.uint8:
         return np.asarray(Image.fromarray(rgb).resize((ow, oh), Image.BICUBIC))
     top = 65535.0 if rgb.dtype == np.uint16 else 1.0
@@ -181,7 +181,7 @@ def short_edge_size(h: int, w: int, size: int = CONDITION_MIN_SIDE) -> tuple[int
 
 
 def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic antialiased resize (the official resize back to the output size, PIPELINE.md 9.3)."""
+    """Bicubic antialiased resize (the official resize back to the output size)."""
     return F.interpolate(x, size=tuple(size), mode="bicubic", antialias=True)
 
 
@@ -217,7 +217,7 @@ def pad_to_size_requirements(x: torch.Tensor, req) -> torch.Tensor:
 def tiled_forward(
     fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, stride: int, scale: int = 1
 ) -> torch.Tensor:
-    """Gaussian-weighted tiles, sum(w*fn(tile)) / sum(w) (utils/common.py make_tiled_fn, PIPELINE.md 3.4).
+    """Gaussian-weighted tiles, sum(w*fn(tile)) / sum(w) (utils/common.py make_tiled_fn).
 
     Tiles of tile x tile input pixels at `sliding_windows` positions; outputs are `scale` times larger
     and weighted by gaussian_weights(tile*scale). Accumulated in float32. One weight-sum channel is
@@ -284,7 +284,7 @@ def run_stage1(
     h, w = image.shape[:2]
     output_size = output_size_for(h, w, upscale)
     if min(h, w) < 1 or min(output_size) < 1:
-        raise InputError(source, f"{w}x{h} image is too small for --upscale {upscale:g} (output {output_size[1]}x{output_size[0]})")
+        raise InputError(source, f"{w}x{h} image is too small for `upscale` {upscale:g} (output {output_size[1]}x{output_size[0]})")
     _check_not_too_thin(output_size, source)
     pre = _pre_upscale_factor(pipeline, upscale, cleaner.scale)
     if pre is not None:
@@ -367,13 +367,13 @@ def _explicit_tile(pipeline: str, x: torch.Tensor, size: int | None, stride: int
     """(size, stride) for the official tiled path, or None (untiled; too-small images fall back, as upstream)."""
     if size is None:
         if stride is not None:
-            raise UsageError("`--cleaner-tile-stride` needs `--cleaner-tile-size`")
+            raise UsageError("`cleaner_tile_stride` needs `cleaner_tile_size`")
         return None
     stride = size // 2 if stride is None else stride
     if size <= 0 or not 0 < stride <= size:
         raise UsageError(f"cleaner tiles need 0 < stride <= size, got size {size}, stride {stride}")
     if pipeline == "swinir" and size % SWINIR_MULTIPLE:
-        raise UsageError(f"`--cleaner-tile-size` must be a multiple of {SWINIR_MULTIPLE} for SwinIR, got {size}")
+        raise UsageError(f"`cleaner_tile_size` must be a multiple of {SWINIR_MULTIPLE} for SwinIR, got {size}")
     h, w = x.shape[-2:]
     if h < size or w < size:
         log.info("stage 1: the %dx%d input is smaller than the %d tile; not tiling", w, h, size)

@@ -574,7 +574,7 @@ class _SpillFile:
                 view = view[self.f.write(view):]
         except OSError as e:
             raise SpillError(f"cannot write the tiled VAE's paused tiles to {self.spill.root}: "
-                             f"{e.strerror or e}; free disk space there or raise --max-memory") from e
+                             f"{e.strerror or e}; free disk space there or raise `max_memory`") from e
         n = raw.nbytes
         self.end = offset + -(-n // _PAGE) * _PAGE
         self.spill.grow(self.end - offset)
@@ -879,7 +879,7 @@ def check_spill_space(folder: str | os.PathLike, need: int) -> None:
         raise SpillError(
             f"the tiled VAE needs about {want / 2**30:.1f} GiB of free disk in {folder} for the feature maps "
             f"that do not fit in memory, and {free / 2**30:.1f} GiB is free; free some space, set RESTORE_HOME "
-            "to a larger disk or raise --max-memory",
+            "to a larger disk or raise `max_memory`",
         )
 
 

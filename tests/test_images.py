@@ -1,4 +1,4 @@
-"""imageio: every mode reads to the documented arrays, writes keep what the format can hold,
+"""restorecli.images: every mode reads to the documented arrays, writes keep what the format can hold,
 bad inputs give one clear InputError, and writes are all or nothing.
 
 Every fixture is made here with Pillow, numpy or a few lines of struct (16-bit PNG/TIFF and ICC
@@ -21,9 +21,10 @@ import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps
 
 from conftest import permissions_enforced
-from restorecli import imageio
+from restorecli import images
 from restorecli.errors import InputError, OutputError
-from restorecli.imageio import (
+from restorecli.images.formats import FORMAT_EXTENSIONS
+from restorecli.images import (
     encode_image,
     from_float,
     is_image_file,
@@ -34,7 +35,9 @@ from restorecli.imageio import (
     resize_alpha,
     to_float,
     write_image,
+    writing,
 )
+from restorecli.run.outputs import output_name
 
 RNG = np.random.default_rng(1234)
 
@@ -54,13 +57,13 @@ def random_u16(*shape: int) -> np.ndarray:
 
 
 def official_reading(path: Path) -> np.ndarray:
-    """PIPELINE.md 2.1: PIL.Image.open(path).convert("RGB")."""
+    """DiffBIR diffbir/inference/loop.py, InferenceLoop.load_lq: PIL.Image.open(path).convert("RGB")."""
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
 
 def no_temp_files(folder: Path) -> bool:
-    return not [p for p in folder.iterdir() if p.name.endswith(imageio.TEMP_FILE_SUFFIX)]
+    return not [p for p in folder.iterdir() if p.name.endswith(images.TEMP_FILE_SUFFIX)]
 
 
 # --- fixture builders Pillow lacks ---------------------------------------------------------------
@@ -296,7 +299,7 @@ def test_cmyk_with_profile_is_converted_through_it(tmp_path, fmt):
     assert np.array_equal(loaded.rgb, expected)
     assert not np.array_equal(loaded.rgb, naive)
     assert loaded.icc_profile == profile
-    assert loaded.output_icc_profile == imageio.srgb_profile_bytes()
+    assert loaded.output_icc_profile == images.srgb_profile_bytes()
 
 
 # --- reading: 16 bits ------------------------------------------------------------------------------
@@ -345,7 +348,7 @@ def test_16bit_colour_survives_read_write_read_exactly(tmp_path, fmt, order, cha
 
 def test_16bit_written_as_8bit_where_the_format_needs_it(tmp_path, caplog):
     pixels = random_u16(4, 5, 3)
-    with caplog.at_level(logging.WARNING, logger="restorecli.imageio"):
+    with caplog.at_level(logging.WARNING, logger="restorecli.images"):
         write_image(tmp_path / "o.webp", pixels, quality=100)
         write_image(tmp_path / "o.jpg", pixels)
     assert sum("rounded to 8 bits" in r.getMessage() for r in caplog.records) == 2
@@ -372,7 +375,7 @@ def test_adobe_rgb_is_converted_to_srgb_and_the_output_says_so(tmp_path):
 
 
 def test_srgb_tagged_pixels_are_left_untouched(tmp_path):
-    srgb = imageio.srgb_profile_bytes()
+    srgb = images.srgb_profile_bytes()
     rgb = random_u8(6, 6, 3)
     Image.fromarray(rgb).save(tmp_path / "s.jpg", icc_profile=srgb, quality=100)
     loaded = read_image(tmp_path / "s.jpg")
@@ -386,7 +389,7 @@ def test_gray_with_a_gray_profile_is_converted(tmp_path):
     image.save(tmp_path / "g.png", icc_profile=profile)
     loaded = read_image(tmp_path / "g.png")
     assert np.array_equal(loaded.rgb, cms_to_srgb(image, profile))
-    assert loaded.output_icc_profile == imageio.srgb_profile_bytes()
+    assert loaded.output_icc_profile == images.srgb_profile_bytes()
 
 
 def test_16bit_with_a_profile_matches_littlecms_through_the_lookup_table(tmp_path):
@@ -415,7 +418,7 @@ def test_16bit_gray_with_a_gray_profile_matches_littlecms_at_every_8bit_level(tm
 def test_unreadable_profile_is_ignored_with_a_warning(tmp_path, caplog):
     rgb = random_u8(4, 4, 3)
     Image.fromarray(rgb).save(tmp_path / "bad.png", icc_profile=b"not a profile at all")
-    with caplog.at_level(logging.WARNING, logger="restorecli.imageio"):
+    with caplog.at_level(logging.WARNING, logger="restorecli.images"):
         loaded = read_image(tmp_path / "bad.png")
     assert np.array_equal(loaded.rgb, rgb) and loaded.output_icc_profile is None
     assert any("ICC profile" in r.getMessage() for r in caplog.records)
@@ -460,7 +463,7 @@ def test_multi_frame_file_gives_the_first_frame_and_a_warning(tmp_path, caplog, 
     frames = [Image.fromarray(np.full((4, 6, 3), value, np.uint8)) for value in (10, 128, 250)]
     path = tmp_path / f"anim.{fmt}"
     frames[0].save(path, save_all=True, append_images=frames[1:])
-    with caplog.at_level(logging.WARNING, logger="restorecli.imageio"):
+    with caplog.at_level(logging.WARNING, logger="restorecli.images"):
         loaded = read_image(path)
     assert loaded.n_frames == 3
     assert np.array_equal(loaded.rgb, official_reading(path))
@@ -612,7 +615,7 @@ def test_alpha_is_kept(tmp_path, fmt):
 
 
 def test_jpeg_drops_alpha_with_a_warning(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="restorecli.imageio"):
+    with caplog.at_level(logging.WARNING, logger="restorecli.images"):
         write_image(tmp_path / "a.jpg", random_u8(9, 8, 3), alpha=random_u8(9, 8))
     assert read_image(tmp_path / "a.jpg").alpha is None
     assert any("alpha" in r.getMessage() and "a.jpg" in r.getMessage() for r in caplog.records)
@@ -622,6 +625,21 @@ def test_jpeg_drops_alpha_with_a_warning(tmp_path, caplog):
 def test_extensions_are_case_insensitive(tmp_path, name, expected):
     write_image(tmp_path / name, random_u8(4, 4, 3))
     assert read_image(tmp_path / name).format == expected
+
+
+WRITTEN_AS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF"}
+
+
+@pytest.mark.parametrize(("fmt", "expected"), WRITTEN_AS.items())
+def test_output_planning_and_the_writer_agree_on_every_format(tmp_path, fmt, expected):
+    """Each `--format` value gets an extension the writer takes, and the file is that format."""
+    assert set(FORMAT_EXTENSIONS) == set(WRITTEN_AS)  # a new format comes with a row here
+    name = output_name("scan.gif", fmt=fmt)
+    write_image(tmp_path / name, random_u8(4, 4, 3))
+    assert read_image(tmp_path / name).format == expected
+    write_image(tmp_path / "x.out", random_u8(4, 4, 3), fmt=fmt)
+    assert read_image(tmp_path / "x.out").format == expected
+    (tmp_path / "x.out").unlink()
 
 
 def test_fmt_overrides_the_extension_and_unknown_extensions_are_refused(tmp_path):
@@ -699,13 +717,13 @@ def test_existing_file_is_kept_without_overwrite(tmp_path):
 
 def test_a_file_that_appears_while_encoding_is_never_replaced(tmp_path, monkeypatch):
     dest = tmp_path / "out.png"
-    original_encode = imageio._encode
+    original_encode = writing._encode
 
     def encode_while_someone_else_writes(fp, *args):
         dest.write_bytes(b"someone else's")
         original_encode(fp, *args)
 
-    monkeypatch.setattr(imageio, "_encode", encode_while_someone_else_writes)
+    monkeypatch.setattr(writing, "_encode", encode_while_someone_else_writes)
     with pytest.raises(OutputError, match="already exists"):
         write_image(dest, random_u8(4, 4, 3))
     assert dest.read_bytes() == b"someone else's"
@@ -730,7 +748,7 @@ def test_an_encoder_error_leaves_nothing_behind(tmp_path, monkeypatch, fmt):
         raise OSError("encoder error -2")  # what Pillow raises, without an errno
 
     monkeypatch.setattr(Image.Image, "save", broken)
-    monkeypatch.setattr(imageio, "_write_tiff", broken)
+    monkeypatch.setattr(writing, "write_tiff", broken)
     with pytest.raises(OutputError, match="could not encode"):
         write_image(tmp_path / f"x.{fmt}", random_u8(4, 4, 3))
     assert list(tmp_path.iterdir()) == []
@@ -750,7 +768,7 @@ def test_an_interrupt_while_encoding_leaves_nothing_behind(tmp_path, monkeypatch
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(imageio, "_encode", interrupted)
+    monkeypatch.setattr(writing, "_encode", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_image(tmp_path / "x.png", random_u8(4, 4, 3))
     assert list(tmp_path.iterdir()) == []
@@ -796,13 +814,13 @@ def test_temp_file_helpers(tmp_path):
 
 def test_temp_files_are_named_for_the_cleanup(tmp_path, monkeypatch):
     seen = []
-    original_encode = imageio._encode
+    original_encode = writing._encode
 
     def spy(fp, *args):
         seen.extend(p for p in tmp_path.iterdir())
         original_encode(fp, *args)
 
-    monkeypatch.setattr(imageio, "_encode", spy)
+    monkeypatch.setattr(writing, "_encode", spy)
     write_image(tmp_path / "x.png", random_u8(4, 4, 3))
     assert len(seen) == 1 and is_temp_file(seen[0]) and seen[0].name.startswith(".x.png.")
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
@@ -855,8 +873,8 @@ def test_gray_written_as_one_channel_lossless(tmp_path, ext, dtype):
     alpha = rng.integers(0, np.iinfo(dtype).max + 1, (23, 31), dtype=dtype)
     for a in (None, alpha):
         dest = tmp_path / f"g{'a' if a is not None else ''}.{ext}"
-        imageio.write_image(dest, gray, alpha=a)
-        back = imageio.read_image(dest)
+        images.write_image(dest, gray, alpha=a)
+        back = images.read_image(dest)
         # 16-bit gray+alpha TIFF is written as RGBA (Pillow cannot read the two-channel layout back)
         assert back.is_gray or (ext, dtype, a is not None) == ("tif", np.uint16, True)
         assert back.bit_depth == np.iinfo(dtype).bits
@@ -868,11 +886,11 @@ def test_gray_written_as_one_channel_lossless(tmp_path, ext, dtype):
 def test_non_contiguous_pixels_are_written(tmp_path):
     rgb16 = np.random.default_rng(3).integers(0, 65536, (3, 12, 9), dtype=np.uint16).transpose(1, 2, 0)
     assert not rgb16.flags.c_contiguous
-    imageio.write_image(tmp_path / "t.png", rgb16)
-    assert np.array_equal(imageio.read_image(tmp_path / "t.png").rgb, rgb16)
+    images.write_image(tmp_path / "t.png", rgb16)
+    assert np.array_equal(images.read_image(tmp_path / "t.png").rgb, rgb16)
 
 
 def test_to_gray_uses_pillow_luminance_weights():
     rgb = np.random.default_rng(4).integers(0, 256, (9, 11, 3), dtype=np.uint8)
     expected = np.asarray(Image.fromarray(rgb).convert("L")).astype(int)
-    assert np.abs(imageio.to_gray(rgb).astype(int) - expected).max() <= 1
+    assert np.abs(images.to_gray(rgb).astype(int) - expected).max() <= 1

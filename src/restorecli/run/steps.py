@@ -1,0 +1,108 @@
+"""The three steps of restoring one file: read (decode), run the model, write (encode, atomically).
+
+`run.loop` chains them for every file of a run (reads and writes on a small thread pool, the model in
+the calling thread); they know nothing of folders, naming or reporting. `FileResult` is what a file's
+run comes to (ok, skipped, failed with a one-line reason); `Restored` is the model's result for one
+image with what its output keeps (alpha, ICC profile, EXIF) and, with `--save-guidance-map`, the
+region weight map of restoration guidance (DiffBIR utils/cond_fn.py) to write beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from ..settings import RestoreSettings
+
+
+@dataclass
+class FileResult:
+    input: str
+    output: str | None
+    status: str  # ok | skipped | failed
+    error: str | None = None
+    seconds: float = 0.0
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+
+    def as_json(self) -> dict:
+        return {
+            "input": self.input, "output": self.output, "status": self.status, "error": self.error,
+            "seconds": round(self.seconds, 3), "width": self.width, "height": self.height, "seed": self.seed,
+        }
+
+
+@dataclass
+class Restored:
+    """The model's result for one image, ready to encode: pixels at the input's bit depth, alpha
+    resized to match, and the colour profile and EXIF the output keeps."""
+
+    pixels: np.ndarray
+    alpha: np.ndarray | None
+    icc_profile: bytes | None
+    exif: bytes | None
+    seed: int
+    guidance_map: np.ndarray | None = None  # HxW in [0, 1], with `--save-guidance-map`
+    guidance_map_path: str | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+# -- the three steps of one file -----------------------------------------------------------------
+
+
+def read_input(path: str):
+    """Step 1: the decoded image (`images.LoadedImage`); InputError for a bad file."""
+    from ..images import read_image
+
+    return read_image(path)
+
+
+def run_model(pipe, image, settings: RestoreSettings, *, on_step=None, source: str | None = None,
+              guidance_map: str | None = None) -> Restored:
+    """Step 2: the pipeline on one decoded image (the only step that uses the device). With
+    `guidance_map` (where `--save-guidance-map` writes this image's map) the map comes back too."""
+    from ..images import from_float, resize_alpha, to_gray
+
+    map_path = guidance_map
+    out = pipe(image.rgb, settings, output_type="pt", on_step=on_step, source=source,
+               return_guidance_map=map_path is not None)
+    restored = out.images[0].permute(1, 2, 0).float().cpu().numpy()
+    pixels = from_float(restored, image.bit_depth)
+    if image.is_gray:  # a grayscale scan comes back grayscale (the model's three channels, as luminance)
+        pixels = to_gray(pixels)
+    height, width = pixels.shape[:2]
+    alpha = resize_alpha(image.alpha, (width, height)) if image.alpha is not None else None
+    weights = None if map_path is None else out.guidance_maps[0, 0].float().cpu().numpy()
+    return Restored(pixels, alpha, image.output_icc_profile, image.exif, settings.sampler.seed, weights, map_path)
+
+
+def write_output(dest: str | BinaryIO, restored: Restored, *, fmt: str | None, quality: int, overwrite: bool) -> None:
+    """Step 3: encode and write atomically (a path) or in one piece (a stream); OutputError on failure."""
+    from ..images import write_image
+
+    write_image(
+        dest, restored.pixels, alpha=restored.alpha, fmt=fmt, quality=quality, icc_profile=restored.icc_profile,
+        exif=restored.exif, overwrite=overwrite,
+    )
+    if restored.guidance_map_path is not None and restored.guidance_map is not None:
+        write_guidance_map(restored.guidance_map_path, restored.guidance_map, overwrite=overwrite)
+
+
+def write_guidance_map(path: str, weight: np.ndarray, *, overwrite: bool) -> None:
+    """The region weight map (HxW in [0, 1]) as an 8-bit grayscale image (rounded), atomically."""
+    from ..images import write_image
+
+    gray = np.clip(np.rint(weight * 255.0), 0, 255).astype(np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_image(path, gray, overwrite=overwrite)
