@@ -8,6 +8,7 @@ inverted image. Knobs (environment, so that the subprocess tests can set them):
   FAKE_DELAY=0.3          seconds each image spends "on the device"
   FAKE_OOM=big            inputs whose path contains this raise CUDA's out-of-memory RuntimeError
   FAKE_PRINT=1            print to stdout inside the model (a misbehaving dependency)
+  FAKE_CAPTIONER=1        a stand-in captioner (tests/_tiny_captioners.py StubCaptioner: no model, no weights)
 
 `python tests/_fake_pipeline.py ARGS...` runs `restore ARGS...` with this pipeline.
 """
@@ -23,12 +24,18 @@ import numpy as np
 
 
 class FakePipeline:
-    def __init__(self, delay: float | None = None, oom: str | None = None, on_call=None):
+    def __init__(self, delay: float | None = None, oom: str | None = None, on_call=None, captioner=None):
         self.delay = float(os.environ.get("FAKE_DELAY", "0")) if delay is None else delay
         self.oom = os.environ.get("FAKE_OOM") if oom is None else oom
         self.on_call = on_call
         self.calls: list[str] = []
         self.settings: list = []  # the RestoreSettings of each call
+        if captioner is None and os.environ.get("FAKE_CAPTIONER"):
+            from _tiny_captioners import StubCaptioner
+
+            captioner = StubCaptioner("fake")
+        self.captioner = captioner
+        self.given_captions: list = []  # the `caption` argument of each call
 
     def __call__(self, rgb, settings=None, **kwargs):
         """Bound against the real `DiffBIRPipeline.__call__` signature, so a call the real pipeline would
@@ -45,6 +52,13 @@ class FakePipeline:
         settings = base.replace(**args.get("overrides", {}))
         self.settings.append(settings)
         output_type, on_step, source = args.get("output_type", "np"), args.get("on_step"), args.get("source")
+        from restorecli.captions import assemble_prompt
+
+        caption = args.get("caption")
+        self.given_captions.append(caption)
+        if caption is None and self.captioner is not None and not settings.stage1_only:
+            caption = self.captioner.caption(rgb)
+        prompt = None if settings.stage1_only else assemble_prompt(caption, settings.prompts.prompt)
         upscale, seed = settings.upscale, settings.sampler.seed
         import torch
 
@@ -66,7 +80,7 @@ class FakePipeline:
         image = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
         # the "guidance map": the first channel of the output, shaped (1, 1, H, W) as the pipeline's
         maps = image[None, :1] if args.get("return_guidance_map") else None
-        return SimpleNamespace(images=[image], seeds=[seed], guidance_maps=maps)
+        return SimpleNamespace(images=[image], seeds=[seed], guidance_maps=maps, captions=[caption], prompts=[prompt])
 
 
 def install(monkeypatch_or_none=None, **kwargs) -> list[FakePipeline]:

@@ -69,7 +69,8 @@ def bomb_png(path: Path) -> Path:
 
 
 def all_files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    """The files under `folder`, but the batch's prompts.jsonl record (tests/test_captions_cli.py checks it)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "prompts.jsonl")
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -553,7 +554,7 @@ def test_json_lines_match_the_files_written(tmp_path, capsys, fake):
     records = json_lines(out)  # every stdout line is JSON
     assert records[-1] == {**records[-1], "summary": True, "ok": 3, "skipped": 0, "failed": 1, "interrupted": False}
     for record in records[:-1]:
-        assert set(record) == {"input", "output", "status", "error", "seconds", "width", "height", "seed"}
+        assert set(record) == {"input", "output", "status", "error", "seconds", "width", "height", "seed", "caption", "prompt"}
         if record["status"] == "ok":
             with Image.open(record["output"]) as im:
                 assert im.size == (record["width"], record["height"]) == (48, 32)

@@ -177,3 +177,19 @@ def test_verify_rehashes_what_is_present(capsys, hub):
     assert code == 2
     states = {o["name"]: o["state"] for o in map(json.loads, out.splitlines())}
     assert states == {"tiny": "mismatch", "absent": "missing"}
+
+
+def test_fetch_and_list_a_captioner(capsys, hub):
+    files = [hub_file(hub, f"cap_{i}", payload(40 + i, 300), filename=name, repo="test-org/Tiny-Captioner")
+             for i, name in enumerate(("config.json", "model.safetensors"))]
+    use_registry(*[{**f, "kind": "captioner"} for f in files], hub_file(hub, "tiny", payload(43)),
+                 groups={"tinycap": ["cap_0", "cap_1"]})
+    code, out, err = run(capsys, "fetch", "--captioner", "tinycap")
+    assert code == 0 and out == "" and "2 of 2 files ready: 2 downloaded" in err
+    assert hub.gets("tiny.pth") == []  # only the captioner's files
+    code, out, err = run(capsys, "list", "--captioner", "tinycap", "--json")
+    assert code == 0 and [json.loads(line)["name"] for line in out.splitlines()] == ["cap_0", "cap_1"]
+    code, out, err = run(capsys, "list")
+    assert code == 0 and "Download per captioner: tinycap 600 B." in " ".join(err.split())
+    code, out, err = run(capsys, "fetch", "--captioner", "florence3")
+    assert code == 2 and "not a pinned captioner; pinned: tinycap" in err

@@ -229,7 +229,7 @@ def test_out_of_memory_errors_are_recognised():
 def pipe(reference_dir):
     from restorecli.pipeline.diffbir import DiffBIRPipeline
 
-    return DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu")
+    return DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu", captioner="none")
 
 
 @pytest.fixture(scope="module")

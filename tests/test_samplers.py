@@ -322,3 +322,87 @@ def test_x0_hook_reproduces_the_v2_latent_guidance_run(reference_dir, stage2, ti
                cond=ControlCondition(c_txt, c_img), uncond=ControlCondition(c_neg, c_img), x0_hook=guidance)
     assert noise.draws == len(run["labels"]) == 9
     assert_close_rel(z, golden["run1/z"], 1e-4, what="guided z")
+
+
+# --------------------------------------------------------------------------------------------------
+# per-tile text conditioning (per-tile captions)
+
+
+def _tile_run(name, *, tile, tile_txt, batch_cfg, cfg=3.0, x0_hook=None, size=(10, 14)):
+    """Sample on a fake model that records, per call, the window (read off the cropped c_img, whose value
+    at (i, j) is 100 i + j) and the text embedding of each batch row."""
+    schedule = NoiseSchedule.from_spec(DiffusionSpec(parameterization="v", zero_snr=True))
+    h, w = size
+    c_img = (100 * torch.arange(h).view(h, 1) + torch.arange(w).view(1, w)).float().expand(1, 4, h, w).contiguous()
+    whole, negative = torch.full((1, 5, 3), 1.0), torch.full((1, 5, 3), -1.0)
+    cond = ControlCondition(whole, c_img)
+    if tile_txt is not None:
+        cond = cond.with_tile_text(tile_txt)
+    calls = []
+
+    def model(x, t, c):
+        corner = int(c.c_img[0, 0, 0, 0])
+        calls.append(((corner // 100, corner % 100), tuple(c.c_img.shape[-2:]), [float(row[0, 0]) for row in c.c_txt]))
+        return torch.tanh(0.5 * x) + 0.01 * c.c_txt.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    noise = GeneratorNoise.from_seed(3)
+    z = sample(name, model, noise.randn((1, 4, h, w)), schedule=schedule, steps=2, cond=cond,
+               uncond=ControlCondition(negative, c_img), cfg=cfg, noise=noise, tile=tile, batch_cfg=batch_cfg,
+               x0_hook=x0_hook)
+    return z, calls
+
+
+@pytest.mark.parametrize("batch_cfg", [True, False])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_each_tile_is_conditioned_on_its_own_text(name, batch_cfg):
+    """Every model call of a window gets that window's positive embedding; the uncond rows keep the
+    negative one; every sampler, batched or two-pass CFG."""
+    from restorecli.diffusion.tiled_sampling import sampling_windows
+
+    windows = sampling_windows(10, 14, 8, 4)
+    assert windows == [(0, 8, 0, 8), (0, 8, 4, 12), (0, 8, 6, 14), (2, 10, 0, 8), (2, 10, 4, 12), (2, 10, 6, 14)]
+    texts = {w: torch.full((1, 5, 3), 10.0 + i) for i, w in enumerate(windows)}
+    _, calls = _tile_run(name, tile=(8, 4), tile_txt=texts, batch_cfg=batch_cfg)
+    assert calls and all(shape == (8, 8) for _, shape, _ in calls)
+    seen = set()
+    for (top, left), _, rows in calls:
+        window = (top, top + 8, left, left + 8)
+        own = 10.0 + windows.index(window)
+        seen.add(window)
+        if batch_cfg:
+            assert rows == [own, -1.0], (name, window)
+        else:
+            assert rows in ([own], [-1.0]), (name, window)
+    assert seen == set(windows)
+    if not batch_cfg:  # as many cond calls as uncond calls, per window
+        assert sum(r == [-1.0] for _, _, r in calls) == sum(r != [-1.0] for _, _, r in calls)
+
+
+def test_tile_texts_equal_to_the_whole_caption_change_nothing():
+    """Per-tile conditioning with every tile given the whole-image embedding is the plain run, bit for
+    bit, with and without guidance; with cfg 1 only cond calls are made."""
+    from restorecli.diffusion.tiled_sampling import sampling_windows
+
+    same = {w: torch.full((1, 5, 3), 1.0) for w in sampling_windows(10, 14, 8, 4)}
+    hook = lambda x0, ctx: 0.9 * x0  # noqa: E731 - stands in for restoration guidance
+    for name in ("spaced", "dpm++_m2", "edm_dpm++_3m_sde"):
+        for x0_hook in (None, hook):
+            plain, _ = _tile_run(name, tile=(8, 4), tile_txt=None, batch_cfg=False, x0_hook=x0_hook)
+            tiled, _ = _tile_run(name, tile=(8, 4), tile_txt=same, batch_cfg=False, x0_hook=x0_hook)
+            assert torch.equal(plain, tiled), name
+    _, calls = _tile_run("edm_euler", tile=(8, 4), tile_txt=same, batch_cfg=True, cfg=1.0)
+    assert all(rows == [1.0] for _, _, rows in calls)
+
+
+def test_without_tiles_the_whole_image_text_is_used():
+    texts = {(0, 8, 0, 8): torch.full((1, 5, 3), 7.0)}
+    for tile, size in ((None, (10, 14)), ((16, 8), (10, 14))):  # untiled; latent smaller than a tile
+        _, calls = _tile_run("edm_euler", tile=tile, tile_txt=texts, batch_cfg=True, size=size)
+        assert calls and all(rows == [1.0, -1.0] and shape == size for _, shape, rows in calls)
+
+
+def test_a_window_without_its_text_is_an_error():
+    cond = ControlCondition(torch.zeros(1, 5, 3), torch.zeros(1, 4, 8, 8)).with_tile_text({(0, 4, 0, 4): torch.ones(1, 5, 3)})
+    assert torch.equal(cond.crop(0, 4, 0, 4).c_txt, torch.ones(1, 5, 3))
+    with pytest.raises(ValueError, match=r"no tile text embedding for latent window \(4, 8, 0, 4\)"):
+        cond.crop(4, 8, 0, 4)

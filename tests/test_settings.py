@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import _fake_pipeline
+from _tiny_captioners import stub_captioner
 from restorecli.cli.app import app, main
 from restorecli.cli.options import FLAG_OF, LOAD_LEAVES, RUN_LEAVES
 from restorecli.errors import UsageError
@@ -30,7 +31,7 @@ from restorecli.settings.defaults import V2_NEG_PROMPT
 
 #: the options of `restore IMAGE...` that are about files and the terminal, not restoration settings
 FILE_OPTIONS = {"output", "overwrite", "suffix", "fmt", "quality", "json_lines", "save_guidance_map", "quiet",
-                "verbose", "help", "inputs"}
+                "verbose", "help", "inputs", "captions"}
 
 
 def _image_command():
@@ -61,7 +62,8 @@ def _non_default(leaf):
     special = {
         "model": ("model_v.json", "model_v.json"), "task": ("denoise", "denoise"), "cleaner": ("swinir.pth", "swinir.pth"),
         "weights_dir": ("/tmp", "/tmp"), "device": ("cpu", "cpu"), "precision": ("bf16", "bf16"),
-        "sampler": ("edm_lms", "edm_lms"), "start_point": ("cond", "cond"), "captioner": None,
+        "sampler": ("edm_lms", "edm_lms"), "start_point": ("cond", "cond"), "captioner": ("llava", "llava"),
+        "llava_bit": ("8", "8"),
         "color_fix": ("adain", "adain"), "guidance_loss": ("mse", "mse"), "guidance_space": ("rgb", "rgb"),
         "prompt": ("a cat", "a cat"), "negative_prompt": ("a dog", "a dog"), "upscale": (2.0, "2"),
         "tile_size": (128, "128"), "tile_stride": (64, "64"), "cleaner_tile_size": (128, "128"),
@@ -170,6 +172,7 @@ def test_library_without_overrides_equals_the_cli_without_flags(model, task, ref
     table = {v: dataclasses.replace(d, steps=2) for v, d in defaults.VERSION_DEFAULTS.items()}
     monkeypatch.setattr(defaults, "VERSION_DEFAULTS", table)
     monkeypatch.chdir(reference_dir)
+    captioners = stub_captioner(monkeypatch)  # the default captioner (v2: none), without its weights
     if not model.endswith(".json"):
         _tiny_stand_ins(monkeypatch, reference_dir, model)
     src = reference_dir / "inputs" / "sign_37x53.png"
@@ -183,8 +186,10 @@ def test_library_without_overrides_equals_the_cli_without_flags(model, task, ref
     assert pipe.default_settings == default_settings(model, task)
     assert pipe.default_settings.sampler.steps == 2 and pipe.default_settings.sampler.sampler == table[
         defaults.version_of(model)].sampler
-    lib = pipe(Image.open(src), output_type="pil").images[0]
-    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(lib))
+    result = pipe(Image.open(src), output_type="pil")
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(result.images[0]))
+    assert [c.name for c in captioners] == ([] if model == "v2" else ["florence2", "florence2"])
+    assert result.prompts[0] == ", ".join(t for t in (result.captions[0], pipe.default_settings.prompts.prompt) if t)
 
 
 def test_constructors_take_one_signature_and_swallow_nothing(reference_dir):
@@ -192,7 +197,8 @@ def test_constructors_take_one_signature_and_swallow_nothing(reference_dir):
 
     from restorecli import DiffBIRPipeline
 
-    common = ["task", "cleaner", "weights_dir", "stage1_only", "device", "torch_dtype", "offload", "compile"]
+    common = ["task", "cleaner", "weights_dir", "stage1_only", "device", "torch_dtype", "offload", "compile",
+              "captioner", "llava_bit"]
     for ctor in (DiffBIRPipeline.from_version, DiffBIRPipeline.from_description):
         params = inspect.signature(ctor).parameters
         assert list(params)[1:] == common and not any(p.kind == p.VAR_KEYWORD for p in params.values())
@@ -206,7 +212,7 @@ def test_constructors_take_one_signature_and_swallow_nothing(reference_dir):
 def tiny_pipe(reference_dir):
     from restorecli import DiffBIRPipeline
 
-    return DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu")
+    return DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu", captioner="none")
 
 
 CALL = dict(upscale=1, steps=2, sampler="edm_dpm++_2m_sde", cfg=3.0, prompt="a photo", seed=3, output_type="pt")
@@ -244,7 +250,7 @@ def test_save_pretrained_round_trips_to_identical_output(tiny_pipe, reference_di
 def test_to_moves_and_casts_the_cleaner_too(reference_dir):
     from restorecli import DiffBIRPipeline
 
-    pipe = DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu")
+    pipe = DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu", captioner="none")
     pipe.to("cpu", torch.bfloat16)
     assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
     assert pipe.cleaner.dtype == torch.bfloat16 and pipe.placement.device == torch.device("cpu")

@@ -51,7 +51,9 @@ def test_shipped_table_parses_and_wires_every_version():
     for entry in reg.entries.values():
         assert entry.license and entry.description
         assert entry.revision is None or re.fullmatch(r"[0-9a-f]{40}|main", entry.revision)
-        assert entry.sha256 is not None or entry.revision in (None, "main"), "a pinned commit comes with its sha256 here"
+        # a pinned commit comes with its sha256, except a captioner's small config / tokenizer files
+        # (none published: trusted on first use; their weights carry the published sha256)
+        assert entry.sha256 is not None or entry.revision in (None, "main") or entry.kind == "captioner", entry.name
 
 
 def test_shipped_hashes_all_come_from_the_facts():

@@ -33,7 +33,7 @@ def gaussian_weights(tile_width: int, tile_height: int, dtype=torch.float32) -> 
     """(H, W) blending weights, variance 0.01 of the tile size (official gaussian_weights, from CCSR).
 
     x is centred at (W - 1) / 2 but y at H / 2: the asymmetry is upstream's and is kept because the
-    official tiled results depend on it .
+    official tiled results depend on it.
     """
     var = 0.01
 

@@ -39,6 +39,8 @@ Examples:
 
   restore batch scans/ -o scans_restored/
 
+  restore caption scans/ --json > captions.jsonl
+
   restore weights fetch --model v2.1
 """
 
@@ -90,11 +92,14 @@ def _main(
 
 def _mount_subcommands() -> None:
     from .batch import batch_command
+    from .caption import HELP as CAPTION_HELP
+    from .caption import caption_command
     from .image import HELP, image_command
     from .weights import weights_app
 
     app.command(DEFAULT_COMMAND, help=HELP)(image_command)
     app.command("batch", help=batch_command.__doc__)(batch_command)
+    app.command("caption", help=CAPTION_HELP)(caption_command)
     app.add_typer(weights_app, name="weights")
 
 

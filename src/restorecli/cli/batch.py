@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..settings import default_captioner
+from .caption import CAPTIONS_HELP, load_for, print_caption, prompt_record, with_captions
 from .options import RunRequest, restore_options
 from ..errors import SetupError, UsageError
 from ..run.outputs import STDIO
@@ -18,6 +20,8 @@ from .terminal import NORMAL, Output, use_verbosity
 
 #: Without a terminal, a progress line at most this often (seconds).
 PLAIN_PROGRESS_INTERVAL = 15.0
+#: Written beside the outputs: one JSON line per restored image with its caption and prompts.
+PROMPTS_FILE = "prompts.jsonl"
 
 
 @restore_options
@@ -34,6 +38,7 @@ def batch_command(
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per file on stdout, then a summary object.")] = False,
     overlap: Annotated[bool, typer.Option("--io-overlap/--no-io-overlap", help="Read the next image and write the previous one while the model runs.")] = True,
     save_guidance_map: Annotated[Optional[str], typer.Option("--save-guidance-map", metavar="DIR", help="Also write each image's restoration-guidance weight map into DIR as `<name>_guidance.png` (subfolders mirrored).", show_default=False)] = None,
+    captions: Annotated[Optional[str], typer.Option("--captions", metavar="FILE|DIR", help=CAPTIONS_HELP, show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr (a line per file).")] = False,
     *,
@@ -53,13 +58,18 @@ def batch_command(
 
     `restore batch photos/ -r --glob '*.jpg' --format png`
 
-    `find . -name '*.tif' | restore batch --from-list - -o out/ --json`
+    `find. -name '*.tif' | restore batch --from-list - -o out/ --json`
+
+    `restore batch scans/ --captions captions.jsonl`   # captions from `restore caption scans/ --json`
+
+    Beside the outputs, `prompts.jsonl` gets one line per restored image: input, output, caption,
+    positive and negative prompt, captioner and its revision.
     """
     out = use_verbosity(quiet, verbose)
     code = run_batch_command(
         directory, output, request, out=out, recursive=recursive, pattern=glob, from_list=from_list,
         overwrite=overwrite, suffix=suffix, fmt=fmt, quality=quality, json_lines=json_lines, overlap=overlap,
-        save_guidance_map=save_guidance_map,
+        save_guidance_map=save_guidance_map, captions=captions,
     )
     raise typer.Exit(code)
 
@@ -80,6 +90,7 @@ def run_batch_command(
     json_lines: bool = False,
     overlap: bool = True,
     save_guidance_map: str | None = None,
+    captions: str | None = None,
 ) -> int:
     from ..pipeline.build import load_pipeline
     from ..run import discovery, plan
@@ -106,6 +117,10 @@ def run_batch_command(
     entries = failures + plan.plan_batch(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
     if save_guidance_map is not None:
         entries = _with_guidance_maps(settings, entries, outdir, Path(save_guidance_map))
+    if captions is not None and not settings.stage1_only:
+        entries = with_captions(entries, captions, out=out, captioner=default_captioner(request.load),
+                                relative={s.path: s.relative.as_posix() for s in sources})
+    load = load_for(request, entries, captions)
     jobs = sum(isinstance(e, plan.Job) for e in entries)
     skipped = sum(getattr(e, "status", None) == "skipped" for e in entries)
     where = f"{directory} -> {outdir}" if directory is not None else f"-> {outdir}"
@@ -126,14 +141,16 @@ def run_batch_command(
             outdir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SetupError(f"-o {outdir}: cannot create the folder ({e.strerror or e})") from None
-    view = BatchView(out, entries, json_lines=json_lines, renamed=renamed)
+    prompts = None if settings.stage1_only else outdir / PROMPTS_FILE
+    view = BatchView(out, entries, json_lines=json_lines, renamed=renamed, prompts=prompts,
+                     negative_prompt=settings.prompts.negative_prompt)
     with plan.output_folder_lock(outdir) if jobs else contextlib.nullcontext():
         for path in plan.remove_stale_temp_files(entries):
             out.detail(f"removed an unfinished temp file of an earlier run: {path}")
         try:
             with view:
                 summary = run_batch(
-                    entries, lambda: load_pipeline(request.load, stage1_only=settings.stage1_only), settings,
+                    entries, lambda: load_pipeline(load, stage1_only=settings.stage1_only), settings,
                     overwrite=overwrite, fmt=fmt, quality=quality,
                     overlap=overlap, events=view,
                 )
@@ -195,12 +212,15 @@ class BatchView:
     """Progress on stderr (a rich bar on a terminal, a plain line every 15 s otherwise), one `error:`
     line per failed file as it happens, JSON lines on stdout with --json, and the final summary."""
 
-    def __init__(self, out: Output, entries, *, json_lines: bool, renamed=()):
+    def __init__(self, out: Output, entries, *, json_lines: bool, renamed=(), prompts: Path | None = None,
+                 negative_prompt: str = ""):
         from ..run.plan import Job
 
         self.out = out
         self.json_lines = json_lines
         self.renamed = list(renamed)
+        self.prompts = prompts  # prompts.jsonl, appended to per restored image (a rerun adds the new ones)
+        self.negative_prompt = negative_prompt
         self.total = len(entries)
         self.jobs_left = sum(isinstance(e, Job) for e in entries)
         self.done = self.ok = self.skipped = self.failed = 0
@@ -254,6 +274,8 @@ class BatchView:
         if result.status == "ok":
             self.ok += 1
             self.out.detail(f"{result.input} -> {result.output} ({result.width}x{result.height}, {result.seconds:.1f} s)")
+            print_caption(self.out, result)
+            self._record_prompts(result)
         elif result.status == "skipped":
             self.skipped += 1
             self.out.detail(f"{result.input}: {result.output} exists; skipped")
@@ -267,6 +289,19 @@ class BatchView:
         elif self.out.level >= NORMAL and time.perf_counter() - self.last_line >= PLAIN_PROGRESS_INTERVAL:
             self.last_line = time.perf_counter()
             self.out.info(self._plain_line())
+
+    def _record_prompts(self, result) -> None:
+        if self.prompts is None:
+            return
+        import json
+
+        line = json.dumps(prompt_record(result, self.negative_prompt), ensure_ascii=False)
+        try:
+            with open(self.prompts, "a", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            self.out.warning(f"{self.prompts}: cannot record the prompts ({e.strerror or e}); the images are written")
+            self.prompts = None
 
     # -- text -----------------------------------------------------------------------------------
     def _show(self, current: str) -> None:

@@ -19,6 +19,8 @@ from ..run.loop import run_batch
 from ..run.outputs import STDIO, OutputPlan, check_output, is_directory_target
 from ..run.plan import Job, file_guidance_maps, plan_outputs
 from ..run.steps import FileResult
+from ..settings import default_captioner
+from .caption import CAPTIONS_HELP, load_for, print_caption, with_captions
 from .options import RunRequest, restore_options
 from .terminal import QuietOpt, VerboseOpt, Output, use_verbosity
 
@@ -40,6 +42,7 @@ def image_command(
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
     save_guidance_map: Annotated[Optional[str], typer.Option("--save-guidance-map", help="Also write the region-adaptive guidance weight map (grayscale image) here.", show_default=False)] = None,
+    captions: Annotated[Optional[str], typer.Option("--captions", metavar="FILE|DIR", help=CAPTIONS_HELP, show_default=False)] = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     *,
@@ -48,7 +51,7 @@ def image_command(
     out = use_verbosity(quiet, verbose)
     code = restore_files(
         inputs, output, request, out=out, overwrite=overwrite, suffix=suffix, fmt=fmt, quality=quality,
-        json_lines=json_lines, save_guidance_map=save_guidance_map,
+        json_lines=json_lines, save_guidance_map=save_guidance_map, captions=captions,
     )
     raise typer.Exit(code)
 
@@ -66,6 +69,7 @@ def restore_files(
     json_lines: bool = False,
     save_guidance_map: str | None = None,
     overlap: bool = True,
+    captions: str | None = None,
 ) -> int:
     """Returns the exit code: 0 all done, 1 some inputs failed. Usage/setup errors raise (exit 2);
     Ctrl-C raises `BatchInterrupted` after the outputs already computed are written."""
@@ -97,10 +101,13 @@ def restore_files(
         except RestoreError as exc:
             entries.append(FileResult(plan.input, plan.output, "failed", error=str(exc)))
 
+    if captions is not None and not settings.stage1_only:
+        entries = with_captions(entries, captions, out=out, captioner=default_captioner(request.load))
+    load = load_for(request, entries, captions)
     events = ImageEvents(out, json_lines)
     with _stdout_kept_for_image(to_stdout) as image_stream:
         summary = run_batch(
-            entries, lambda: load_pipeline(request.load, stage1_only=settings.stage1_only), settings,
+            entries, lambda: load_pipeline(load, stage1_only=settings.stage1_only), settings,
             overwrite=overwrite, fmt=fmt, quality=quality, overlap=overlap, events=events, stdout=image_stream,
         )
     if json_lines:
@@ -149,6 +156,7 @@ class ImageEvents:
             self.out.error(result.error)
         elif result.status == "ok" and result.output != STDIO:
             self.out.info(f"{result.input} -> {result.output} ({result.width}x{result.height}, {result.seconds:.1f} s)")
+        print_caption(self.out, result)
 
 
 @contextlib.contextmanager

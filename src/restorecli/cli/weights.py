@@ -38,6 +38,11 @@ TaskOpt = Annotated[
     Optional[str],
     typer.Option("--task", help="With `--model`: only one task's files (sr, denoise, face, unaligned_face).", show_default=False),
 ]
+CaptionerOpt = Annotated[
+    Optional[str],
+    typer.Option("--captioner", help="The files of one pinned captioner: florence2 (the default, ~463 MB) or llava (~14.1 GB).",
+                 show_default=False),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON lines on stdout (one object per file) instead of the table.")]
 NamesArg = Annotated[
     Optional[list[str]],
@@ -59,19 +64,28 @@ def _out():
     return current()
 
 
-def _select(names: list[str] | None, model: str | None, task: str | None, *, default_all: bool, verb: str) -> list[weights.WeightEntry]:
+def _select(names: list[str] | None, model: str | None, task: str | None, *, default_all: bool, verb: str,
+            captioner: str | None = None) -> list[weights.WeightEntry]:
     if names and model:
         raise UsageError(f"give checkpoint names or `--model`, not both; e.g. `restore weights {verb} --model v2.1`")
     if task and not model:
         raise UsageError(f"`--task` needs `--model`; e.g. `restore weights {verb} --model v2.1 --task {task}`")
+    if captioner is not None and captioner not in weights.captioner_names():
+        raise UsageError(f"`--captioner {captioner}`: not a pinned captioner; pinned: {', '.join(weights.captioner_names())}",
+                         hint="a Hub id or a folder is used as it is, with nothing to fetch here")
+    if captioner is not None and names:
+        raise UsageError(f"give checkpoint names or `--captioner`, not both; e.g. `restore weights {verb} --captioner {captioner}`")
+    extra = weights.registry().expand([captioner]) if captioner else []
     if model:
-        return weights.files_for(model, task)
+        return [*weights.files_for(model, task), *extra]
+    if extra:
+        return extra
     if names:
         return weights.registry().expand(names)
     if default_all:
         return weights.all_entries()
     raise UsageError(
-        f"say what to {verb}: checkpoint names, `--model v1|v2|v2.1`, or `--all`",
+        f"say what to {verb}: checkpoint names, `--model v1|v2|v2.1`, `--captioner florence2|llava`, or `--all`",
         hint="`restore weights list` shows the names",
     )
 
@@ -162,11 +176,12 @@ def _json_row(check: weights.WeightCheck) -> dict:
 def list_command(
     model: ModelOpt = None,
     task: TaskOpt = None,
+    captioner: CaptionerOpt = None,
     weights_dir: WeightsDirOpt = None,
     json_lines: JsonOpt = False,
 ) -> None:
     out = _out()
-    entries = _select(None, model, task, default_all=True, verb="list")
+    entries = _select(None, model, task, default_all=True, verb="list", captioner=captioner)
     checks = weights.status([e.name for e in entries], weights_dir=weights_dir)
     if json_lines:
         for check in checks:
@@ -187,13 +202,19 @@ def list_command(
         from rich.console import Console
 
         Console(file=out.err.file, width=240, highlight=False).print(table)
-    if model is None:
+    if model is None and captioner is None:
         totals = ", ".join(f"{v} {_total_text(weights.files_for(v))}" for v in weights.registry().versions)
         if totals:
             out.info(f"Download per model version (all tasks): {totals}.")
+        captioners = ", ".join(f"{c} {_total_text(weights.registry().expand([c]))}" for c in weights.captioner_names())
+        if captioners:
+            out.info(f"Download per captioner: {captioners}.")
+    elif model is None:
+        out.info(f"Download for the {captioner} captioner: {_total_text(entries)}.")
     else:
         out.info(f"Download for {model}{f' {task}' if task else ''}: {_total_text(entries)}.")
-    out.info("Get them with `restore weights fetch --model VERSION`; see where they go with `restore weights path NAME`.")
+    fetch = f"--captioner {captioner}" if captioner and not model else "--model VERSION"
+    out.info(f"Get them with `restore weights fetch {fetch}`; see where they go with `restore weights path NAME`.")
 
 
 @weights_app.command(
@@ -204,20 +225,22 @@ def list_command(
     "`restore weights fetch --model v2.1`               # everything v2.1 needs\n\n"
     "`restore weights fetch --model v2 --task denoise`\n\n"
     "`restore weights fetch v2 sd_v2.1`\n\n"
+    "`restore weights fetch --model v2.1 --captioner florence2`   # what `restore photo.png` needs\n\n"
     "`HF_ENDPOINT=https://hf-mirror.com restore weights fetch --all`",
 )
 def fetch_command(
     names: NamesArg = None,
     model: ModelOpt = None,
     task: TaskOpt = None,
+    captioner: CaptionerOpt = None,
     all_files: Annotated[bool, typer.Option("--all", help="Every pinned checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Download again even if a copy is here.")] = False,
     weights_dir: WeightsDirOpt = None,
 ) -> None:
     out = _out()
-    if all_files and (names or model):
-        raise UsageError("`--all` takes no names and no `--model`")
-    entries = _select(names, model, task, default_all=all_files, verb="fetch")
+    if all_files and (names or model or captioner):
+        raise UsageError("`--all` takes no names, no `--model` and no `--captioner`")
+    entries = _select(names, model, task, default_all=all_files, verb="fetch", captioner=captioner)
     out.detail(f"fetching {len(entries)} files ({_total_text(entries)})")
     done: list[weights.Resolved] = []
     failed: list[RestoreError] = []

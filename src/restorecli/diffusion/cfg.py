@@ -3,7 +3,7 @@
 ``model(x_t, t, cond) -> raw output (eps or v)`` is the model interface of every sampler; ``cond`` is an
 opaque conditioning object the caller builds (text embedding, condition latent, control strength).
 :class:`GuidedModel` evaluates the conditional and unconditional branches and combines them as
-``uncond + s * (cond - uncond)`` . Where the combination happens (on raw outputs, on
+``uncond + s * (cond - uncond)``. Where the combination happens (on raw outputs, on
 eps, on the denoised x0) is each sampler family's business and follows the official sampler.
 
 With ``batch=True`` both branches go through ONE batched model call when ``cond`` can concatenate itself
@@ -28,7 +28,7 @@ def rescaled_cfg_scale(scale: float, model_t: float) -> float:
     """``1 + s (1 - cos(pi ((1000 - t) / 1000)^5)) / 2`` (official ``Sampler.get_cfg_scale``).
 
     Ramps from 1 at t = 1000 to 1 + s at t = 0, so it ends at cfg + 1, not cfg, and stays near 1 for most
-    of the trajectory . At t = 999 it is exactly 1.0 in float64.
+    of the trajectory. At t = 999 it is exactly 1.0 in float64.
     """
     return 1 + scale * ((1 - math.cos(math.pi * ((1000 - model_t) / 1000) ** 5.0)) / 2)
 
@@ -37,7 +37,7 @@ class GuidedModel:
     """The model with its two conditionings and the guidance scale of one run.
 
     ``rescale``: use :func:`rescaled_cfg_scale` of the model timestep. ``gated``: only when ``scale > 1``
-    (spaced, ddim, edm); the DPM-Solver wrapper rescales whenever the flag is on .
+    (spaced, ddim, edm); the DPM-Solver wrapper rescales whenever the flag is on.
     """
 
     def __init__(

@@ -4,7 +4,7 @@ Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Prob
 Algorithm 2 (multistep, data prediction), as the official ``diffbir/sampler/dpms_sampler.py`` runs the
 vendored ``dpm_solver_pytorch.py``: ``skip_type="time_uniform"``, ``order=2``, ``lower_order_final=True``
 (the last step is first order when steps < 10), ``denoise_to_zero=False``, ``solver_type="dpmsolver"``,
-no thresholding; all schedule arithmetic in float32 .
+no thresholding; all schedule arithmetic in float32.
 
 diffusers' ``DPMSolverMultistepScheduler`` solves the same ODE but on integer training timesteps and
 discrete log-SNRs; upstream evaluates the model at fractional times (999, 749.25, 499.5, 249.75 for 4

@@ -121,7 +121,7 @@ V2_DRAW_ORDER = frozenset({"spaced"})
 
 
 def weight_map(image: torch.Tensor) -> torch.Tensor:
-    """Weight ``1 - tanh(S)`` per 2x2 block, S = SUM of the Sobel magnitude over the block .
+    """Weight ``1 - tanh(S)`` per 2x2 block, S = SUM of the Sobel magnitude over the block.
 
     ``image``: (N, 3, H, W) RGB in [0, 1] (upstream passes ``(target + 1) / 2``; values are not clamped),
     H and W even. Returns (N, 1, H, W) float32 in [0, 1]: near 1 in flat regions, near 0 on edges and

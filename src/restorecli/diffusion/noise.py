@@ -4,7 +4,7 @@ One ``torch.Generator("cpu")`` per image drives all randomness. The caller draws
 draw is ``torch.randn(shape, generator=G, dtype=float32)`` on the CPU, in program order, and only then
 moved to the device, so a seed gives the same numbers on every device. Samplers never call
 ``torch.randn_like``: they ask the :class:`NoiseSource` they were given, which guidance and tiling code
-can share .
+can share.
 
 Randomness that is not the sampler's own (restoration guidance's posterior samples of its target, on
 every sampler but ``spaced``) comes from a separate stream, :meth:`GeneratorNoise.derived`, seeded from

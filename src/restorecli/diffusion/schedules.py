@@ -1,7 +1,7 @@
 """Noise schedules and the per-sampler timestep tables of the official DiffBIR samplers.
 
 Everything here reproduces the official tables exactly, quirks included, because the published results
-depend on them . Tables are built in float64 with numpy, as upstream
+depend on them. Tables are built in float64 with numpy, as upstream
 does, and handed to the samplers as float32 tensors (upstream's ``Sampler.register`` buffers).
 
 Official files (XPixelGroup/DiffBIR @3f8b530): ``diffbir/model/gaussian_diffusion.py`` (betas, zero-SNR,
@@ -78,7 +78,7 @@ class NoiseSchedule:
         """Forward diffusion ``sqrt(acp[t]) * x0 + sqrt(1 - acp[t]) * noise`` with float32 coefficients.
 
         As the official ``Diffusion.q_sample``: both square roots are taken in float64 and stored as
-        float32. Used for ``--start-point cond`` (t = T - 1) and ``--noise-aug t`` .
+        float32. Used for ``--start-point cond`` (t = T - 1) and ``--noise-aug t``.
         """
         if not 0 <= t < self.num_timesteps:
             raise UsageError(f"q_sample timestep must be in [0, {self.num_timesteps - 1}], got {t}")
@@ -215,7 +215,7 @@ class DDIMSchedule:
 
 @dataclass(frozen=True, eq=False)
 class EDMSchedule:
-    """Sigmas and timesteps of the official ``EDMSampler.make_schedule`` .
+    """Sigmas and timesteps of the official ``EDMSampler.make_schedule``.
 
     tau = int(linspace(T-1, 0, N, endpoint=False)) (truncation; t = 0 is never evaluated), acp[tau[0]]
     is forced to 1e-8 for EVERY model (so sigma_max = 1e4, also for eps models whose true value is
@@ -266,7 +266,7 @@ class DPMSolverSchedule:
     half-log-SNR lambda < -5.1 are dropped (``numerical_clip_alpha``): nothing for a plain linear schedule,
     14 entries for zero-SNR (total_N = 986). Continuous time t_n = (n + 1) / total_N, log alpha(t)
     piecewise linear in t. Model time is ``(t - 1/total_N) * 1000`` even when total_N = 986, so on
-    zero-SNR models the labels are stretched by 1000/986 relative to the noise level .
+    zero-SNR models the labels are stretched by 1000/986 relative to the noise level.
     """
 
     CLIPPED_LAMBDA = -5.1

@@ -28,7 +28,7 @@ def initial_latent(
     """x_T (unit variance; EDM samplers scale it themselves). Draw #1 of the run.
 
     ``noise``: ``randn(shape)``. ``cond`` (``--start-point cond``): ``q_sample(c_img, T-1, randn)`` with the
-    (padded) condition latent; on zero-SNR models acp[T-1] = 0, so it equals ``noise`` .
+    (padded) condition latent; on zero-SNR models acp[T-1] = 0, so it equals ``noise``.
     """
     if start_point == "noise":
         return noise.randn(shape, device)

@@ -5,9 +5,9 @@ The pipeline and the samplers call these:
 * :func:`tokenize` / :func:`encode_prompt` - OpenCLIP tokens and the penultimate-layer text embedding
   .
 * :func:`vae_encode` / :func:`vae_decode` - condition latent = posterior MODE * scale; decode(z / scale),
-  no clamp .
+  no clamp.
 * :class:`ControlledUNet` - one denoiser call ``(x_t, t, c_txt, c_img, control_scale)`` -> raw model
-  output (eps or v, as the model was trained) .
+  output (eps or v, as the model was trained).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -43,6 +44,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from ..captions.prompt import assemble_prompt
 from .colorfix import color_fix as apply_color_fix
 from .colorfix import color_fix_in_bands
 from ..diffusion.conditioning import ControlCondition, ControlledModel
@@ -51,6 +53,7 @@ from ..diffusion.noise import GUIDANCE_STREAM, GeneratorNoise
 from ..diffusion.sampling import sample
 from ..diffusion.schedules import NoiseSchedule
 from ..diffusion.start import augment_condition, initial_latent
+from ..diffusion.tiled_sampling import sampling_windows
 from ..vae.tiled import SpillError, check_spill_space, default_spill_dir, posterior_mode, tiled_decode, tiled_encode
 from ..errors import InputError, UsageError, brief
 from ..oom import is_out_of_memory, release_memory
@@ -86,10 +89,13 @@ from ..vae import VAE_SCALE
 
 log = logging.getLogger("restorecli.pipeline.diffbir")
 
-#: Untiled, the condition is zero-padded to a multiple of 64 .
+#: Untiled, the condition is zero-padded to a multiple of 64.
 PAD_UNTILED = 64
-#: With tiled sampling, upstream pads to a multiple of 8 only .
+#: With tiled sampling, upstream pads to a multiple of 8 only.
 PAD_TILED = 8
+
+#: Text embeddings kept per pipeline (prompts differ per image once captions lead them: bounded).
+PROMPT_CACHE_SIZE = 128
 
 T = TypeVar("T")
 
@@ -103,18 +109,25 @@ class DiffBIROutput(BaseOutput):
     `guidance_maps` (with `return_guidance_map=True`): the restoration-guidance region weight map W of
     each image at the output size, in [0, 1] (1 = fidelity to the stage-1 image fully enforced; w_mse:
     1 - tanh of the 2x2-block Sobel magnitude, mse: 1 everywhere); "np": HxW float32 arrays, "pt":
-    (N, 1, H, W) float32, "pil": 8-bit grayscale ("L") images."""
+    (N, 1, H, W) float32, "pil": 8-bit grayscale ("L") images.
+    `captions`: each image's caption (the captioner's or the one given; None without either, and with
+    stage1_only). `prompts`: the positive prompt each image was conditioned on (caption, prompt joined
+    as upstream; None with stage1_only). `tile_captions` (with `tile_captions`): {latent window: caption}
+    of each image's sampling tiles, or None when it was not sampled in tiles."""
 
     images: Any
     stage1: Any = None
     seeds: list[int] = field(default_factory=list)
     guidance_maps: Any = None
     plan: MemoryPlan | None = None
+    captions: list[str | None] = field(default_factory=list)
+    prompts: list[str | None] = field(default_factory=list)
+    tile_captions: list[dict | None] = field(default_factory=list)
 
 
 @dataclass
 class StageTwoInputs:
-    """What stage 2 needs of one image, with the sizes the official crops use ."""
+    """What stage 2 needs of one image, with the sizes the official crops use."""
 
     cond_img: torch.Tensor  # (1, 3, h0, w0), the unpadded stage-1 output
     c_img: torch.Tensor  # (1, 4, h2, w2) condition latent (padded)
@@ -129,8 +142,9 @@ class DiffBIRPipeline(DiffusionPipeline):
 
     Components: `unet` (diffusers UNet2DConditionModel), `controlnet` (`IRControlNetModel`), `vae`
     (AutoencoderKL), `text_encoder` (CLIPTextModel, penultimate layer), `tokenizer` (CLIPTokenizer).
-    `cleaner` (a `restorecli.stage1.cleaners.Cleaner`) is held as a plain attribute; stage-2 components may
-    be None for a stage-1-only pipeline.
+    `cleaner` (a `restorecli.stage1.cleaners.Cleaner`) and `captioner` (a `restorecli.captions` captioner
+    or None; not saved by `save_pretrained`) are held as plain attributes; stage-2 components may be None
+    for a stage-1-only pipeline.
     """
 
     model_cpu_offload_seq = "text_encoder->controlnet->unet->vae"
@@ -150,17 +164,20 @@ class DiffBIRPipeline(DiffusionPipeline):
         diffusion: DiffusionSpec | None = None,
         latent_scale_factor: float = 0.18215,
         default_settings: RestoreSettings | None = None,
+        captioner=None,
     ):
         super().__init__()
         self.register_modules(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         self.cleaner = cleaner
+        #: describes each image for its prompt (on the device only while it captions); None: no captions
+        self.captioner = captioner
         self.stage1_pipeline = stage1_pipeline
         self.diffusion = diffusion or DiffusionSpec()
         self.latent_scale_factor = float(latent_scale_factor)
         self.schedule = NoiseSchedule.from_spec(self.diffusion)
         #: What `__call__` runs when it is given no settings: the version's and task's defaults (set by loading).
         self.default_settings = default_settings or RestoreSettings()
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         first = next((m for m in (unet, cleaner, vae) if m is not None and module_device(m) is not None), None)
         self.placement = Placement(module_device(first) if first is not None else "cpu")
         #: cond + uncond in one batched call: None = automatic (accelerators yes, CPU upstream's pattern)
@@ -191,28 +208,34 @@ class DiffBIRPipeline(DiffusionPipeline):
     @classmethod
     def from_description(cls, path, *, task: str = "sr", cleaner: str | None = None, weights_dir: str | None = None,
                          stage1_only: bool = False, device="auto", torch_dtype: torch.dtype | None = None,
-                         offload: bool = False, compile: bool = False) -> "DiffBIRPipeline":
-        """A pipeline from a `restorecli-model/1` JSON file (your own or self-trained DiffBIR model)."""
+                         offload: bool = False, compile: bool = False, captioner: str | None = None,
+                         llava_bit: str = "4") -> "DiffBIRPipeline":
+        """A pipeline from a `restorecli-model/1` JSON file (your own or self-trained DiffBIR model).
+        `captioner`: florence2 (the default), llava, none, a model folder or a Hub id."""
         return cls._load(str(path), task=task, cleaner=cleaner, weights_dir=weights_dir, stage1_only=stage1_only,
-                         device=device, torch_dtype=torch_dtype, offload=offload, compile=compile)
+                         device=device, torch_dtype=torch_dtype, offload=offload, compile=compile, captioner=captioner,
+                         llava_bit=llava_bit)
 
     @classmethod
     def from_version(cls, version: str = "v2.1", *, task: str = "sr", cleaner: str | None = None,
                      weights_dir: str | None = None, stage1_only: bool = False, device="auto",
                      torch_dtype: torch.dtype | None = None, offload: bool = False,
-                     compile: bool = False) -> "DiffBIRPipeline":
-        """A pipeline of a pinned version (v1, v2, v2.1) and task; downloads the pinned weights if needed."""
+                     compile: bool = False, captioner: str | None = None, llava_bit: str = "4") -> "DiffBIRPipeline":
+        """A pipeline of a pinned version (v1, v2, v2.1) and task; downloads the pinned weights if needed.
+        `captioner`: the version's default (florence2; v2: none), llava, none, a model folder or a Hub id."""
         if version not in ("v1", "v2", "v2.1"):
             raise UsageError(f"`version` must be v1, v2 or v2.1, got {version!r} (a description file: from_description)")
         return cls._load(version, task=task, cleaner=cleaner, weights_dir=weights_dir, stage1_only=stage1_only,
-                         device=device, torch_dtype=torch_dtype, offload=offload, compile=compile)
+                         device=device, torch_dtype=torch_dtype, offload=offload, compile=compile, captioner=captioner,
+                         llava_bit=llava_bit)
 
     @classmethod
-    def _load(cls, model: str, *, task, cleaner, weights_dir, stage1_only, device, torch_dtype, offload, compile):
+    def _load(cls, model: str, *, task, cleaner, weights_dir, stage1_only, device, torch_dtype, offload, compile,
+              captioner=None, llava_bit="4"):
         from ..settings import LoadSettings
 
         load = LoadSettings(model=model, task=task, cleaner=cleaner, weights_dir=weights_dir, device=str(device),
-                            offload=offload, compile=compile)
+                            offload=offload, compile=compile, captioner=captioner, llava_bit=llava_bit)
         return cls.from_settings(load, stage1_only=stage1_only, torch_dtype=torch_dtype)
 
     @classmethod
@@ -228,6 +251,7 @@ class DiffBIRPipeline(DiffusionPipeline):
                        default_settings=parts.default_settings)
         pipe = cls.from_stage2_models(parts.stage2, cleaner=parts.cleaner, stage1_pipeline=parts.stage1_pipeline)
         pipe.default_settings = parts.default_settings
+        pipe.captioner = parts.captioner
         prepare_for_speed(pipe, parts.device, compile=load.compile)
         if load.offload:
             pipe.set_offload(True)
@@ -263,6 +287,8 @@ class DiffBIRPipeline(DiffusionPipeline):
             self.cleaner.to(device=device, dtype=dtype)
         if device is not None:
             self.placement.device = torch.device(device)
+            if self.captioner is not None:  # it stays in host memory and computes there
+                self.captioner.device = torch.device(device)
         return self
 
     def enable_model_cpu_offload(self, *args, **kwargs):
@@ -315,6 +341,7 @@ class DiffBIRPipeline(DiffusionPipeline):
         return_guidance_map: bool = False,
         on_step: Callable[[int, int], None] | None = None,
         source: str | None = None,
+        caption: str | None = None,
         **overrides,
     ) -> DiffBIROutput:
         """Restore one image (PIL image, or HWC RGB uint8/uint16/float array).
@@ -325,6 +352,12 @@ class DiffBIRPipeline(DiffusionPipeline):
         ...; `restorecli.settings.leaves(RestoreSettings)` lists them all). `on_step(done, total)` reports
         sampling progress; `source` names the image in error messages. `return_guidance_map` fills
         `DiffBIROutput.guidance_maps` with the restoration guidance's region weight map.
+
+        Captions (DiffBIR ``diffbir/inference/loop.py``): `caption` (your own text; "" for none) or else the
+        pipeline's `captioner` describes the image as given, before any resize, and the positive prompt
+        becomes ``", ".join(s for s in [caption, prompt] if s)``; the negative prompt is untouched. With
+        `tile_captions` and tiled sampling each tile's region is captioned and its model calls see their
+        own caption + prompt.
         """
         settings = (settings if settings is not None else self.default_settings).replace(**overrides)
         # 1. Check inputs
@@ -335,43 +368,54 @@ class DiffBIRPipeline(DiffusionPipeline):
             tile_stride=tiles.tile_stride, cleaner_tile_size=tiles.cleaner_tile_size, max_memory=tiles.max_memory,
             sampler=sampling.sampler, cfg=sampling.cfg, guidance=guidance, source=source,
         )
-        # 2. Stage 1: the clean but smooth condition image I_reg (>= 512 short side)
+        # 2. Caption the image as read (upstream captions the low-quality image before its pre-upscale);
+        #    the captioner leaves the device before stage 1
+        if not settings.stage1_only:
+            caption = self.caption_image(rgb, caption)
+            prompt = assemble_prompt(caption, settings.prompts.prompt)
+        # 3. Stage 1: the clean but smooth condition image I_reg (>= 512 short side)
         stage1 = self.run_stage1(
             rgb, upscale=settings.upscale, tile_size=tiles.cleaner_tile_size, tile_stride=tiles.cleaner_tile_stride,
             max_memory=tiles.max_memory, source=source, keep_on_device=settings.stage1_only,
         )
         if settings.stage1_only:
             result = stage1_only_output(stage1)
-            return DiffBIROutput(images=self.postprocess(result, output_type), seeds=[sampling.seed])
+            return DiffBIROutput(images=self.postprocess(result, output_type), seeds=[sampling.seed], captions=[None],
+                                 prompts=[None], tile_captions=[None])
 
         generator = torch.Generator("cpu").manual_seed(sampling.seed)
         noise = GeneratorNoise(generator)
-        # 3. Plan stage 2's memory: VAE tiles, sampling tiles (and with them the padding)
+        # 4. Plan stage 2's memory: VAE tiles, sampling tiles (and with them the padding)
         plan = self.plan_memory(
             stage1, tile_size=tiles.tile_size, tile_stride=tiles.tile_stride, max_memory=tiles.max_memory,
             sampler=sampling.sampler, cfg=sampling.cfg, guidance=guidance, source=source,
         )
-        # 4. Encode the condition (pad, VAE-encode the posterior mode, pad the latent)
+        # 5. Encode the condition (pad, VAE-encode the posterior mode, pad the latent)
         inputs = self.encode_condition(stage1.cond_img, plan, source=source)
-        # 5. Encode the prompts
-        c_txt = self.encode_prompt(settings.prompts.prompt)
+        # 6. Encode the prompts (with tile captions: each sampling tile's own, made per tiling attempt)
+        c_txt = self.encode_prompt(prompt)
         c_txt_neg = self.encode_prompt(settings.prompts.negative_prompt)
-        # 6. Prepare the latents: x_T (or the noised condition), then noise augmentation
+        tile_text, tile_captions = None, [None]
+        if settings.prompts.tile_captions:
+            def tile_text(x, tile):
+                texts, tile_captions[0] = self.tile_conditioning(rgb, inputs, x, tile, settings.prompts.prompt)
+                return texts
+        # 7. Prepare the latents: x_T (or the noised condition), then noise augmentation
         x_T, c_img = self.prepare_latents(inputs.c_img, noise, start_point=sampling.start_point,
                                           noise_aug=sampling.noise_aug)
-        # 7. Denoise, with restoration guidance (its draws happen in the loop)
+        # 8. Denoise, with restoration guidance (its draws happen in the loop)
         strength = sampling.strength
         z, guide = self.denoise_image(
             x_T, ControlCondition(c_txt, c_img, strength), ControlCondition(c_txt_neg, c_img, strength), inputs,
-            sampling=sampling, noise=noise, guidance=guidance, on_step=on_step, source=source,
+            sampling=sampling, noise=noise, guidance=guidance, on_step=on_step, source=source, tile_text=tile_text,
         )
-        # 8. Decode (crop the latent and the image back to the unpadded sizes)
+        # 9. Decode (crop the latent and the image back to the unpadded sizes)
         decoded = self.decode_image(z, inputs, source=source)
-        # 9. Colour fix toward the stage-1 image, then resize to the output size
+        # 10. Colour fix toward the stage-1 image, then resize to the output size
         with self._monitor("colour fix"):
             restored = self.color_correct(decoded, inputs.cond_img, settings.color_fix, stage1.output_size,
                                           on_cpu=plan.post_on_cpu, rows=plan.post_rows)
-        # 10. Postprocess
+        # 11. Postprocess
         maps = None
         if return_guidance_map:
             maps = self.guidance_map(inputs, x_T, guidance, stage1.output_size, guide)
@@ -381,6 +425,9 @@ class DiffBIRPipeline(DiffusionPipeline):
             seeds=[sampling.seed],
             guidance_maps=None if maps is None else self.postprocess_map(maps, output_type),
             plan=plan,
+            captions=[caption],
+            prompts=[prompt],
+            tile_captions=tile_captions,
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -395,6 +442,8 @@ class DiffBIRPipeline(DiffusionPipeline):
             raise UsageError("this pipeline has no stage-1 cleaner")
         if not settings.stage1_only and not self.has_stage2:
             raise UsageError("this pipeline was loaded for stage 1 only; load it without stage1_only to run stage 2")
+        if settings.prompts.tile_captions and not settings.stage1_only and self.captioner is None:
+            raise UsageError("`tile_captions` needs a captioner, and this pipeline has none (`captioner` none)")
         if not settings.sampler.noise_aug < self.schedule.num_timesteps:
             raise UsageError(f"`noise_aug` must be in [0, {self.schedule.num_timesteps - 1}], got {settings.sampler.noise_aug}")
         if output_type not in ("np", "pt", "pil"):
@@ -521,7 +570,7 @@ class DiffBIRPipeline(DiffusionPipeline):
 
     def encode_condition(self, cond_img: torch.Tensor, plan: MemoryPlan | None = None, *, tile_size=None,
                          tile_stride=None, source=None) -> StageTwoInputs:
-        """Pad, encode and pad again as `Pipeline.apply_cldm` .
+        """Pad, encode and pad again as `Pipeline.apply_cldm`.
 
         Untiled sampling: zero-pad the image to a multiple of 64, `c_img = mode(q(z | 2x - 1)) * scale`,
         pad the latent to a multiple of 8 (a no-op then). Tiled sampling (`plan.sample_tile`, or
@@ -552,12 +601,43 @@ class DiffBIRPipeline(DiffusionPipeline):
         return StageTwoInputs(cond_img=cond_img, c_img=c_img, latent_size=(h1, w1), tile=tile, plan=plan)
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """(1, 77, D) penultimate-layer OpenCLIP embedding; cached per prompt for the pipeline's life. The
-        text encoder is on the device only while it encodes a prompt not seen before."""
-        if prompt not in self._prompt_cache:
-            with self._monitor("prompt"), self.placement.using(self.text_encoder, release=True):
-                self._prompt_cache[prompt] = encode_prompt(self._stage2(), [prompt]).float().to(self.execution_device)
-        return self._prompt_cache[prompt]
+        """(1, 77, D) penultimate-layer OpenCLIP embedding; the last PROMPT_CACHE_SIZE prompts are kept (the
+        default and negative prompts of a batch stay). The text encoder is on the device only while it
+        encodes a prompt not seen before."""
+        if prompt in self._prompt_cache:
+            self._prompt_cache.move_to_end(prompt)
+            return self._prompt_cache[prompt]
+        with self._monitor("prompt"), self.placement.using(self.text_encoder, release=True):
+            embedding = encode_prompt(self._stage2(), [prompt]).float().to(self.execution_device)
+        self._prompt_cache[prompt] = embedding
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return embedding
+
+    def caption_image(self, rgb: np.ndarray, caption: str | None = None) -> str | None:
+        """The image's caption: `caption` when given, else the captioner's (None without one). The
+        captioner is on the device only while it captions."""
+        if caption is not None:
+            return caption.strip()
+        if self.captioner is None:
+            return None
+        with self._monitor("caption"):
+            return self.captioner.caption(rgb)
+
+    def tile_conditioning(self, rgb: np.ndarray, inputs: StageTwoInputs, x: torch.Tensor, tile: tuple[int, int],
+                          prompt: str) -> tuple[dict | None, dict | None]:
+        """({latent window: text embedding}, {latent window: caption}) for sampling `x` in `tile` =
+        (size, stride) latent tiles: each window's region of the input captioned, joined with `prompt`
+        and encoded (once per distinct prompt). (None, None) when the latent is smaller than a tile."""
+        from ..captions.tiles import tile_prompts
+
+        windows = sampling_windows(x.shape[-2], x.shape[-1], *tile)
+        if not windows:
+            return None, None
+        with self._monitor("caption"):
+            captions, prompts = tile_prompts(self.captioner, rgb, windows, cond_size=tuple(inputs.cond_img.shape[-2:]),
+                                             prompt=prompt, latent_scale=VAE_SCALE)
+        return {w: self.encode_prompt(p) for w, p in prompts.items()}, captions
 
     def prepare_latents(self, c_img: torch.Tensor, noise: GeneratorNoise, *, start_point: str, noise_aug: int):
         """Draw #1: x_T (`restorecli.diffusion.start.initial_latent`: randn, or with start point `cond`
@@ -631,22 +711,26 @@ class DiffBIRPipeline(DiffusionPipeline):
         return [Image.fromarray((m[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()) for m in maps]
 
     def denoise_image(self, x_T, cond, uncond, inputs: StageTwoInputs, *, sampling: SamplerSettings, noise,
-                      guidance: GuidanceSettings, on_step=None, source=None):
+                      guidance: GuidanceSettings, on_step=None, source=None, tile_text=None):
         """`denoise` with restoration guidance (built per attempt) and the out-of-memory retry: a second
         attempt uses half the tiles and starts from the same state of both streams (the image's generator
         is reset; guidance's separate posterior stream is derived afresh from the seed), so it draws the
-        same noise. Returns (z, the guidance hook or None)."""
+        same noise. `tile_text(x_T, tile)`: the per-window text embeddings of a tiled attempt (per-tile
+        captions), made before its sampling starts. Returns (z, the guidance hook or None)."""
         state, draws = noise.generator.get_state(), noise.draws
         hooks: list[RestorationGuidance | None] = []
 
         def attempt(tile):
             noise.generator.set_state(state)
             noise.draws = draws
+            conditioned = cond
+            if tile is not None and tile_text is not None:
+                conditioned = cond.with_tile_text(tile_text(x_T, tile))
             guide = None
             if guidance.enabled:
                 guide = self.prepare_guidance(inputs, x_T, noise, guidance, noise.derived(GUIDANCE_STREAM))
             hooks.append(guide)
-            return self.denoise(x_T, cond, uncond, sampling=sampling, noise=noise, tile=tile, on_step=on_step,
+            return self.denoise(x_T, conditioned, uncond, sampling=sampling, noise=noise, tile=tile, on_step=on_step,
                                 x0_hook=guide,
                                 batch_cfg=False if inputs.plan is not None and inputs.plan.unbatched_cfg else None)
 
@@ -690,7 +774,7 @@ class DiffBIRPipeline(DiffusionPipeline):
 
     def color_correct(self, decoded: torch.Tensor, cond_img: torch.Tensor, kind: str, output_size, *,
                       on_cpu: bool = False, rows: int | None = None) -> torch.Tensor:
-        """`color_fix((x + 1) / 2, stage1)` then a bicubic antialiased resize to the output size .
+        """`color_fix((x + 1) / 2, stage1)` then a bicubic antialiased resize to the output size.
         `on_cpu`: in host memory (the plan's choice when the image-sized buffers would not fit the device).
         `rows`: in exact bands of that many rows, written into `decoded` (the plan's choice when the
         whole-image temporaries would not fit); a resize to the same size is then skipped (it is the

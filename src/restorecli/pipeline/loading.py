@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import SetupError, UsageError
-from ..settings import LoadSettings, RestoreSettings, default_settings
+from ..settings import LoadSettings, RestoreSettings, default_captioner, default_settings
 from .precision import resolve_device, resolve_dtype
 
 log = logging.getLogger("restorecli.pipeline.loading")
@@ -23,13 +23,15 @@ log = logging.getLogger("restorecli.pipeline.loading")
 @dataclass
 class Components:
     """What a DiffBIRPipeline is made of, loaded: the cleaner and its official stage-1 pipeline, the
-    stage-2 models (None for stage 1 only), the device, and the version's and task's default settings."""
+    stage-2 models (None for stage 1 only), the device, the version's and task's default settings, and
+    the captioner."""
 
     cleaner: Any
     stage1_pipeline: str
     stage2: Any
     device: torch.device
     default_settings: RestoreSettings
+    captioner: Any = None  # a restorecli.captions Captioner, or None (`captioner` none, or stage 1 only)
 
 
 def load_components(
@@ -53,6 +55,11 @@ def load_components(
     device = resolve_device(opts.device)
     dtype = torch_dtype or resolve_dtype(opts.precision, device)
     version = opts.version
+    caption_choice = None if stage1_only else default_captioner(opts)  # stage 1 has no prompt to caption for
+    if caption_choice is not None:
+        from ..captions.loading import check_captioner, locate_captioner
+
+        check_captioner(caption_choice, opts.llava_bit)
 
     # 1. Find every file first (fast failure), then load.
     description = None
@@ -77,6 +84,9 @@ def load_components(
 
     if opts.cleaner:
         cleaner_source = _cleaner_file(opts.cleaner, opts.weights_dir, progress)
+    caption_source = None
+    if caption_choice is not None:
+        caption_source = locate_captioner(caption_choice, weights_dir=opts.weights_dir, progress=progress)
 
     # 2. Stage 1
     cleaner = load_cleaner(cleaner_source, device=device, dtype=dtype, name=_cleaner_name(cleaner_source))
@@ -88,7 +98,15 @@ def load_components(
         return Components(cleaner, stage1_pipeline, None, device, defaults)
     from ..models.stage2 import load_stage2
 
-    return Components(cleaner, stage1_pipeline, load_stage2(description, device=device, dtype=dtype), device, defaults)
+    stage2 = load_stage2(description, device=device, dtype=dtype)
+    # 4. The captioner (in host memory; on the device only while it captions)
+    captioner = None
+    if caption_source is not None:
+        from ..captions.loading import load_from_folder
+
+        captioner = load_from_folder(caption_source.folder, name=caption_source.name, revision=caption_source.revision,
+                                     device=device, llava_bit=opts.llava_bit)
+    return Components(cleaner, stage1_pipeline, stage2, device, defaults, captioner)
 
 
 def prepare_for_speed(pipe, device: torch.device, *, compile: bool = False) -> None:

@@ -207,7 +207,7 @@ class _BatchRun:
         t0 = time.perf_counter()
         try:
             restored = run_model(self.pipe, read.image, self.settings, on_step=self.events.step, source=job.input,
-                                 guidance_map=job.guidance_map)
+                                 guidance_map=job.guidance_map, caption=job.caption, caption_source=job.caption_source)
         except (InputError, OutputError) as e:
             return FileResult(job.input, job.output, "failed", error=str(e))
         except RestoreError:
@@ -254,7 +254,9 @@ class _BatchRun:
             log.debug("%s: writing failed", job.output, exc_info=True)
             return FileResult(job.input, job.output, "failed", error=f"{job.output}: cannot write ({brief(e)})")
         return FileResult(job.input, job.output, "ok", seconds=spent + time.perf_counter() - t0,
-                          width=restored.width, height=restored.height, seed=restored.seed)
+                          width=restored.width, height=restored.height, seed=restored.seed, caption=restored.caption,
+                          prompt=restored.prompt, caption_source=restored.caption_source,
+                          captioner_revision=restored.captioner_revision)
 
     # -- reporting in order ----------------------------------------------------------------------
 

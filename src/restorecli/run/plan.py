@@ -183,6 +183,8 @@ class Job:
     output: str
     make_folders: bool = True  # create the output's folder when missing
     guidance_map: str | None = None  # where --save-guidance-map writes this image's map
+    caption: str | None = None  # this image's caption from a captions file (None: the pipeline's captioner)
+    caption_source: str | None = None  # the captions file it came from
 
 
 Entry = Union[Job, FileResult]

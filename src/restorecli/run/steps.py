@@ -28,11 +28,16 @@ class FileResult:
     width: int | None = None
     height: int | None = None
     seed: int | None = None
+    caption: str | None = None  # the image's caption (None: no captioner, or not restored)
+    prompt: str | None = None  # the positive prompt it was conditioned on
+    caption_source: str | None = None  # the captioner's name, or the captions file the caption came from
+    captioner_revision: str | None = None
 
     def as_json(self) -> dict:
         return {
             "input": self.input, "output": self.output, "status": self.status, "error": self.error,
             "seconds": round(self.seconds, 3), "width": self.width, "height": self.height, "seed": self.seed,
+            "caption": self.caption, "prompt": self.prompt,
         }
 
 
@@ -48,6 +53,10 @@ class Restored:
     seed: int
     guidance_map: np.ndarray | None = None  # HxW in [0, 1], with `--save-guidance-map`
     guidance_map_path: str | None = None
+    caption: str | None = None
+    prompt: str | None = None
+    caption_source: str | None = None
+    captioner_revision: str | None = None
 
     @property
     def width(self) -> int:
@@ -69,14 +78,15 @@ def read_input(path: str):
 
 
 def run_model(pipe, image, settings: RestoreSettings, *, on_step=None, source: str | None = None,
-              guidance_map: str | None = None) -> Restored:
+              guidance_map: str | None = None, caption: str | None = None, caption_source: str | None = None) -> Restored:
     """Step 2: the pipeline on one decoded image (the only step that uses the device). With
-    `guidance_map` (where `--save-guidance-map` writes this image's map) the map comes back too."""
+    `guidance_map` (where `--save-guidance-map` writes this image's map) the map comes back too.
+    `caption` (from `caption_source`, a captions file) replaces the pipeline's captioner for this image."""
     from ..images import from_float, resize_alpha, to_gray
 
     map_path = guidance_map
     out = pipe(image.rgb, settings, output_type="pt", on_step=on_step, source=source,
-               return_guidance_map=map_path is not None)
+               return_guidance_map=map_path is not None, caption=caption)
     restored = out.images[0].permute(1, 2, 0).float().cpu().numpy()
     pixels = from_float(restored, image.bit_depth)
     if image.is_gray:  # a grayscale scan comes back grayscale (the model's three channels, as luminance)
@@ -84,7 +94,17 @@ def run_model(pipe, image, settings: RestoreSettings, *, on_step=None, source: s
     height, width = pixels.shape[:2]
     alpha = resize_alpha(image.alpha, (width, height)) if image.alpha is not None else None
     weights = None if map_path is None else out.guidance_maps[0, 0].float().cpu().numpy()
-    return Restored(pixels, alpha, image.output_icc_profile, image.exif, settings.sampler.seed, weights, map_path)
+    captioner = getattr(pipe, "captioner", None)
+    if caption is None and captioner is not None:
+        caption_source, revision = captioner.name, captioner.revision
+    else:
+        revision = None
+    used = out.captions[0] if getattr(out, "captions", None) else None
+    if used is None:
+        caption_source = None
+    prompt = out.prompts[0] if getattr(out, "prompts", None) else None
+    return Restored(pixels, alpha, image.output_icc_profile, image.exif, settings.sampler.seed, weights, map_path,
+                    used, prompt, caption_source, revision)
 
 
 def write_output(dest: str | BinaryIO, restored: Restored, *, fmt: str | None, quality: int, overwrite: bool) -> None:

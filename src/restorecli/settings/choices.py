@@ -79,7 +79,19 @@ class Precision(Choice):
 
 
 class Captioner(Choice):
+    """The named captioners (`captioner` also takes a model folder or a Hub id, so it is not a closed choice)."""
+
     NONE = "none"
+    FLORENCE2 = "florence2"
+    LLAVA = "llava"
+
+
+class LlavaBit(Choice):
+    """`llava_bit`: bitsandbytes NF4 (upstream's default), 8-bit, or 16-bit weights."""
+
+    FOUR = "4"
+    EIGHT = "8"
+    SIXTEEN = "16"
 
 
 #: `--device`: one of these, or ``cuda:N``.
@@ -93,3 +105,5 @@ START_POINTS = StartPoint.values()
 GUIDANCE_LOSSES = GuidanceLoss.values()
 GUIDANCE_SPACES = GuidanceSpace.values()
 PRECISIONS = Precision.values()
+CAPTIONERS = Captioner.values()
+LLAVA_BITS = LlavaBit.values()

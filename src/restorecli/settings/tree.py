@@ -110,20 +110,23 @@ class SamplerSettings:
 
 @dataclass(frozen=True)
 class PromptSettings:
-    """The text conditioning: positive and negative prompt, and where a caption comes from."""
+    """The text conditioning: positive and negative prompt (a caption of the image, where the pipeline
+    has a captioner or one is given, leads the positive prompt), and per-tile captions."""
 
     prompt: str = setting(DEFAULT_POS_PROMPT, flags=("--prompt", "-p"), panel=SAMPLING,
                           default_text="the official long quality prompt; v2: empty", help="Positive prompt.")
     negative_prompt: str = setting(DEFAULT_NEG_PROMPT, flags=("--negative-prompt", "-n"), panel=SAMPLING,
                                    default_text="per version", help="Negative prompt (the unconditional branch of cfg).")
-    captioner: str = setting(C.Captioner.NONE.value, flags="--captioner", panel=SAMPLING, choices=C.Captioner,
-                             help="Image captioner prepended to the prompt; only `none` for now.")
+    tile_captions: bool = setting(False, flags="--tile-captions", panel=SAMPLING,
+                                  help="Tiled sampling: caption each tile's region and condition that tile on its own "
+                                       "caption + prompt (one caption per tile; upstream gives every tile the "
+                                       "whole-image caption).")
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise SettingError(name, f"must be a string, got {getattr(self, name)!r}")
-        _set(self, "captioner", one_of("captioner", self.captioner, C.Captioner))
+        _set(self, "tile_captions", bool(self.tile_captions))
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,8 @@ class RestoreSettings:
 
 @dataclass(frozen=True)
 class LoadSettings:
-    """What a pipeline is built from: the model and task, the cleaner, where weights are, the hardware."""
+    """What a pipeline is built from: the model and task, the cleaner, the captioner, where weights are, the
+    hardware. `captioner` None means the version's default (`restorecli.settings.default_captioner`)."""
 
     model: str = setting("v2.1", flags=("--model", "-m"), panel=MODEL,
                          help="Model version (v1, v2, v2.1) or a model description JSON file.")
@@ -254,9 +258,17 @@ class LoadSettings:
                                          help="Folder of checkpoint files you already have (found by file name, verified by sha256).")
     device: str = setting("auto", flags="--device", panel=HARDWARE, help="auto, cpu, cuda (or cuda:N) or mps.")
     precision: Optional[str] = setting(None, flags="--precision", panel=HARDWARE, choices=C.Precision,
-                                       default_text="fp16 on CUDA, fp32 elsewhere",
+                                                                              default_text="fp16 on CUDA, fp32 elsewhere",
                                        help="Precision of the networks; auto = fp16 on CUDA, bf16 on CPUs with "
                                             "bf16 instructions (AVX512-BF16/AMX), fp32 elsewhere.")
+    captioner: Optional[str] = setting(
+        None, flags="--captioner", panel=SAMPLING, metavar="NAME|DIR|HUB_ID", default_text="florence2; v2: none",
+        help="Vision-language model whose short description of each image leads the prompt: florence2 (Florence-2 "
+             "base), llava (upstream's default, LLaVA-1.5-7B), none, a model folder, or a Hub id of any "
+             "image-text-to-text model.")
+    llava_bit: str = setting(C.LlavaBit.FOUR.value, flags="--llava-bit", panel=SAMPLING, choices=C.LlavaBit,
+                             help="llava's weights: 4 (NF4, upstream's default) or 8 bits with bitsandbytes on CUDA, "
+                                  "else 16 bits.")
     offload: bool = setting(False, flags="--offload", panel=HARDWARE, help="Keep idle submodules on the CPU (small GPUs).")
     compile: bool = setting(False, flags="--compile", panel=HARDWARE,
                             help="torch.compile the UNet and ControlNet (slow first image, faster after).")
@@ -271,10 +283,13 @@ class LoadSettings:
         if kind not in C.DEVICES or (index and (kind != "cuda" or not index.isdigit())):
             raise SettingError("device", f"must be auto, cpu, cuda, cuda:N or mps; got {device!r}")
         _set(self, "device", device)
-        for name in ("cleaner", "weights_dir"):
+        for name in ("cleaner", "weights_dir", "captioner"):
             value = getattr(self, name)
             if value is not None:
                 _set(self, name, str(value))
+        if self.captioner is not None and not self.captioner.strip():
+            raise SettingError("captioner", "must name a captioner (none, florence2, llava), a model folder or a Hub id")
+        _set(self, "llava_bit", one_of("llava_bit", str(self.llava_bit), C.LlavaBit))
         _set(self, "offload", bool(self.offload))
         _set(self, "compile", bool(self.compile))
 

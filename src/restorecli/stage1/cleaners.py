@@ -225,7 +225,7 @@ def descriptor_from_state_dict(state_dict: Mapping[str, torch.Tensor], where: st
 
 
 def cleaner_kind(descriptor) -> str:
-    """Which official pipeline a spandrel model implies ."""
+    """Which official pipeline a spandrel model implies."""
     arch = descriptor.architecture.id
     model = descriptor.model
     if (

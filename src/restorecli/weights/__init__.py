@@ -10,7 +10,7 @@ came from and why, with a hint.
 The modules, each importing only those listed before it: `jsonfile` (atomic JSON state files),
 `paths` (where things live), `messages`, `progress`, `table` (weights.toml), `hashing` (the hash
 cache), `lock` (trust on first use), `check` (one file's verdict), `lookup` (finding files), `hub`
-and `url` (downloads), `resolver` (resolve / fetch / verify / status / tokenizer_dir).
+and `url` (downloads), `resolver` (resolve / fetch / verify / status / tokenizer_dir / captioner_dir).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .lookup import Located, Resolved, locate
 from .messages import WEIGHTS_DIR_HINT, format_size
 from .paths import cache_dir, downloads_dir, hub_cache_dir, hub_endpoint, is_offline, lock_path, weights_home
 from .progress import ProgressCallback, ProgressEvent
-from .resolver import fetch, resolve, status, tokenizer_dir, verify
+from .resolver import captioner_dir, captioner_names, fetch, resolve, status, tokenizer_dir, verify
 from .table import (
     DEFAULT_TOML,
     KINDS,
@@ -40,7 +40,7 @@ from .table import (
 __all__ = [
     "DEFAULT_TOML", "KINDS", "ROLES", "WEIGHTS_DIR_HINT",
     "Located", "ProgressCallback", "ProgressEvent", "Registry", "Resolved", "Variant", "WeightCheck", "WeightEntry",
-    "all_entries", "cache_dir", "download_size", "downloads_dir", "fetch", "files_for", "format_size", "get_entry",
+    "all_entries", "cache_dir", "captioner_dir", "captioner_names", "download_size", "downloads_dir", "fetch", "files_for", "format_size", "get_entry",
     "hub_cache_dir", "hub_endpoint", "is_offline", "locate", "lock_path", "mismatch_hint", "registry", "resolve",
     "set_registry", "status", "tokenizer_dir", "verify", "weights_home", "wiring",
 ]  # fmt: skip

@@ -41,9 +41,10 @@ class FolderIndex:
     def find(self, entry: WeightEntry) -> tuple[Path, Variant] | None:
         """The shallowest file matching the pinned file or an alternative (`also`).
 
-        A file with folders in its name (tokenizer/vocab.json) must sit in a folder of that name."""
+        A file with folders in its name (tokenizer/vocab.json) must sit in a folder of that name, a
+        captioner's file in a folder named after its repo (`WeightEntry.local_parts`)."""
         for variant in entry.variants:
-            parts = PurePosixPath(variant.file).parts
+            parts = entry.local_parts(variant.file)
             hits = [
                 p for p in self.by_name.get(parts[-1], [])
                 if p.is_file() and p.parts[-len(parts):] == parts

@@ -1,4 +1,5 @@
-"""resolve / fetch / verify / status: pinned checkpoint names -> verified local files.
+"""resolve / fetch / verify / status: pinned checkpoint names -> verified local files (and the folders
+`tokenizer_dir` and `captioner_dir` assemble from them).
 
 `resolve(name)` returns the first copy that passes its check, looking in this order:
 
@@ -145,6 +146,46 @@ def tokenizer_dir(
     folder.mkdir(exist_ok=True)
     for name, src in paths.items():
         dst = folder / name
+        if not dst.exists():
+            try:
+                dst.symlink_to(src.resolve())
+            except OSError:
+                shutil.copyfile(src, dst)
+    return folder
+
+
+def captioner_names() -> list[str]:
+    """The pinned captioners: groups of weights.toml whose files are all of kind captioner."""
+    reg = registry()
+    return [g for g, members in reg.groups.items() if members and all(reg.entries[m].kind == "captioner" for m in members)]
+
+
+def captioner_dir(
+    name: str,
+    *,
+    weights_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """A folder holding every file of pinned captioner `name` under its repo path (for `from_pretrained`).
+
+    Each file is resolved (verified, downloaded if allowed) like any checkpoint. The Hub cache keeps a
+    repo's files of one revision in one snapshot folder; files from elsewhere are linked into
+    `cache_dir("captioner")/<name>-<digest>`."""
+    from ..errors import UsageError
+
+    if name not in captioner_names():
+        raise UsageError(f"unknown captioner {name!r}; pinned: {', '.join(captioner_names())}")
+    paths = {e.file: resolve(e.name, weights_dir=weights_dir, download=download, progress=progress)
+             for e in registry().expand([name])}
+    roots = {p.parents[len(PurePosixPath(f).parts) - 1] for f, p in paths.items()}
+    if len(roots) == 1:
+        return roots.pop()
+    digest = hashlib.sha256("\n".join(str(p) for p in paths.values()).encode()).hexdigest()[:16]
+    folder = cache_dir("captioner") / f"{name}-{digest}"
+    for file, src in paths.items():
+        dst = folder / file
+        dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists():
             try:
                 dst.symlink_to(src.resolve())

@@ -24,7 +24,7 @@ from ..errors import UsageError, WeightsError
 from .paths import hub_endpoint
 
 DEFAULT_TOML = Path(__file__).with_name("weights.toml")
-KINDS = ("cleaner", "controlnet", "sd", "tokenizer")
+KINDS = ("cleaner", "controlnet", "sd", "tokenizer", "captioner")
 #: Roles a version/task maps to files, in the order `files_for` lists them.
 ROLES = ("cleaner", "face_cleaner", "controlnet", "sd", "tokenizer")
 
@@ -69,6 +69,14 @@ class WeightEntry:
     @property
     def variants(self) -> tuple[Variant, ...]:
         return (Variant(self.file, self.sha256, self.size), *self.also)
+
+    def local_parts(self, file: str) -> tuple[str, ...]:
+        """The trailing path parts a --weights-dir copy of `file` must have. A captioner's files have
+        generic names (config.json), so they must sit in a folder named after the repo."""
+        parts = PurePosixPath(file).parts
+        if self.kind == "captioner" and self.repo is not None:
+            return (PurePosixPath(self.repo).name, *parts)
+        return parts
 
     @property
     def download_size(self) -> int | None:
