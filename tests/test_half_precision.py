@@ -411,7 +411,8 @@ class Pipelines:
         if key not in self.cache:
             from restorecli import DiffBIRPipeline
 
-            pipe = DiffBIRPipeline.from_description(REFERENCE / f"model_{model}.json", device="cpu", torch_dtype=dtype)
+            pipe = DiffBIRPipeline.from_description(REFERENCE / f"model_{model}.json", device="cpu", torch_dtype=dtype,
+                                                        captioner="none")
             if cleaner == "bsrnet":
                 pipe.cleaner, pipe.stage1_pipeline = tiny_bsrnet(dtype), "bsrnet"
             self.cache[key] = pipe

@@ -440,7 +440,8 @@ def test_load_uses_sdpa_attention_and_compiles_on_request(reference_dir, monkeyp
 
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
-    p = load_pipeline(LoadSettings(model=str(reference_dir / "model_v.json"), device="cpu", compile=True, offload=True))
+    p = load_pipeline(LoadSettings(model=str(reference_dir / "model_v.json"), device="cpu", compile=True, offload=True,
+                                   captioner="none"))
     assert sorted(compiled) == ["IRControlNetModel", "UNet2DConditionModel"]
     for module in (p.unet, p.controlnet, p.vae):
         assert use_sdpa(module) == {"AttnProcessor2_0"}
@@ -474,7 +475,7 @@ def test_max_memory_end_to_end_tiles_and_says_so(reference_dir, tmp_path, monkey
     monkeypatch.chdir(reference_dir)
     out = tmp_path / "out.png"
     code = main(["-v", "inputs/blur_45x45.png", "-o", str(out), "--model", "model_v.json", "--upscale", "1", "--steps", "1",
-                 "--cfg", "1", "--device", "cpu", "--max-memory", "48MB"])
+                 "--cfg", "1", "--device", "cpu", "--captioner", "none", "--max-memory", "48MB"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 0, err
     assert "stage 1: 512x512 does not fit" in err and "encode tiles of" in err and "decode tiles of" in err
@@ -490,7 +491,7 @@ def test_max_memory_too_small_is_one_line_and_exit_1(reference_dir, tmp_path, mo
     monkeypatch.chdir(reference_dir)
     out = tmp_path / "out.png"
     code = main(["inputs/blur_45x45.png", "-o", str(out), "--model", "model_v.json", "--upscale", "1", "--steps", "1",
-                 "--device", "cpu", "--max-memory", "16MB"])
+                 "--device", "cpu", "--captioner", "none", "--max-memory", "16MB"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 1 and not out.exists()
     errors = [line for line in err if line.startswith("error:")]
