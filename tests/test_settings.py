@@ -31,7 +31,7 @@ from restorecli.settings.defaults import V2_NEG_PROMPT
 
 #: the options of `restore IMAGE...` that are about files and the terminal, not restoration settings
 FILE_OPTIONS = {"output", "overwrite", "suffix", "fmt", "quality", "json_lines", "save_guidance_map", "quiet",
-                "verbose", "help", "inputs", "captions"}
+                "verbose", "help", "inputs", "captions", "caption"}
 
 
 def _image_command():
