@@ -229,7 +229,9 @@ def test_out_of_memory_errors_are_recognised():
 def pipe(reference_dir):
     from restorecli.pipeline.diffbir import DiffBIRPipeline
 
-    return DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu", captioner="none")
+    # fp32: the plans below are the float32 ones (auto would pick bf16 on CPUs with bf16 instructions)
+    return DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu", captioner="none",
+                                            torch_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -475,7 +477,7 @@ def test_max_memory_end_to_end_tiles_and_says_so(reference_dir, tmp_path, monkey
     monkeypatch.chdir(reference_dir)
     out = tmp_path / "out.png"
     code = main(["-v", "inputs/blur_45x45.png", "-o", str(out), "--model", "model_v.json", "--upscale", "1", "--steps", "1",
-                 "--cfg", "1", "--device", "cpu", "--captioner", "none", "--max-memory", "48MB"])
+                 "--cfg", "1", "--device", "cpu", "--precision", "fp32", "--captioner", "none", "--max-memory", "48MB"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 0, err
     assert "stage 1: 512x512 does not fit" in err and "encode tiles of" in err and "decode tiles of" in err
@@ -491,7 +493,7 @@ def test_max_memory_too_small_is_one_line_and_exit_1(reference_dir, tmp_path, mo
     monkeypatch.chdir(reference_dir)
     out = tmp_path / "out.png"
     code = main(["inputs/blur_45x45.png", "-o", str(out), "--model", "model_v.json", "--upscale", "1", "--steps", "1",
-                 "--device", "cpu", "--captioner", "none", "--max-memory", "16MB"])
+                 "--device", "cpu", "--precision", "fp32", "--captioner", "none", "--max-memory", "16MB"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 1 and not out.exists()
     errors = [line for line in err if line.startswith("error:")]

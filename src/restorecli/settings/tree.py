@@ -257,10 +257,10 @@ class LoadSettings:
     weights_dir: Optional[str] = setting(None, flags="--weights-dir", panel=MODEL, envvar="RESTORE_WEIGHTS_DIR",
                                          help="Folder of checkpoint files you already have (found by file name, verified by sha256).")
     device: str = setting("auto", flags="--device", panel=HARDWARE, help="auto, cpu, cuda (or cuda:N) or mps.")
-    precision: Optional[str] = setting(None, flags="--precision", panel=HARDWARE, choices=C.Precision,
-                                                                              default_text="fp16 on CUDA, fp32 elsewhere",
-                                       help="Precision of the networks; auto = fp16 on CUDA, bf16 on CPUs with "
-                                            "bf16 instructions (AVX512-BF16/AMX), fp32 elsewhere.")
+    precision: str = setting(C.Precision.AUTO.value, flags="--precision", panel=HARDWARE, choices=C.Precision,
+                             help="Precision of the networks; auto = fp16 on CUDA, bf16 on CPUs with bf16 instructions "
+                                  "(AVX512-BF16/AMX), fp32 elsewhere. fp32 on the CPU reproduces the official code "
+                                  "bit for bit.")
     captioner: Optional[str] = setting(
         None, flags="--captioner", panel=SAMPLING, metavar="NAME|DIR|HUB_ID", default_text="florence2; v2: none",
         help="Vision-language model whose short description of each image leads the prompt: florence2 (Florence-2 "
@@ -276,8 +276,7 @@ class LoadSettings:
     def __post_init__(self):
         _set(self, "model", str(self.model))
         _set(self, "task", one_of("task", self.task, C.Task))
-        if self.precision is not None:
-            _set(self, "precision", one_of("precision", self.precision, C.Precision))
+        _set(self, "precision", one_of("precision", "auto" if self.precision is None else self.precision, C.Precision))
         device = str(self.device)
         kind, _, index = device.partition(":")
         if kind not in C.DEVICES or (index and (kind != "cuda" or not index.isdigit())):
