@@ -180,3 +180,28 @@ def test_the_package_cites_no_file_outside_the_repository():
                  if path.suffix in (".py", ".toml") for i, line in enumerate(path.read_text().splitlines())
                  if pattern.search(line)]
     assert offenders == []
+
+
+def test_benchmarks_import_only_what_the_package_has():
+    """The benchmarks are not run by the tests, so a moved or renamed name would break them silently
+    (it did: `restorecli.cli.options.parse_size`, `restorecli.run.files`). Every `from restorecli... import
+    name` in benchmarks/ must resolve, lazy imports inside functions included."""
+    import importlib
+
+    offenders = []
+    for path in sorted((PACKAGE.parents[1] / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("restorecli")):
+                continue
+            try:
+                module = importlib.import_module(node.module)
+            except ImportError:
+                offenders.append(f"{path.name}:{node.lineno} {node.module}")
+                continue
+            for alias in node.names:
+                if not hasattr(module, alias.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        offenders.append(f"{path.name}:{node.lineno} {node.module}.{alias.name}")
+    assert offenders == []
