@@ -425,9 +425,13 @@ def test_idle_models_leave_the_device_and_offload_gives_the_same_image(pipe, pho
     assert set(where.values()) == {"host"}  # after the image, everything waits in host memory
 
 
-def test_cfg_is_batched_on_accelerators_only(pipe, monkeypatch):
-    assert pipe.cfg_batching() is None  # CPU: upstream's call pattern
+def test_cfg_is_batched_except_on_the_cpu_in_float32(pipe, monkeypatch):
+    assert pipe.cfg_batching() is None  # CPU, fp32: upstream's call pattern (bit for bit)
     from restorecli.pipeline.placement import Placement
+
+    with monkeypatch.context() as m:  # CPU in half precision: exactness is gone, one batched call is faster
+        m.setattr(type(pipe.unet), "dtype", property(lambda self: torch.bfloat16))
+        assert pipe.cfg_batching() is True
 
     monkeypatch.setattr(pipe, "placement", Placement("cuda"))
     assert pipe.cfg_batching() is True
