@@ -1,0 +1,53 @@
+"""Stand-ins for the face tests: a detector that "finds" faces at known places, and a synthetic photo.
+
+`FixedDetector(faces)` returns facexlib's RetinaFace.detect_faces layout, (N, 15): box, score, five
+landmarks, for faces given as fractions of the image it is handed (so the same faces come back whether
+the pipeline enlarged the image first or not).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from restorecli.faces.alignment import FFHQ_TEMPLATE_512
+
+
+def template_face(cx: float, cy: float, scale: float, angle_deg: float = 0.0) -> np.ndarray:
+    """Five landmarks: the FFHQ template scaled by `scale`, rotated by `angle_deg` about its centre and
+    centred at (cx, cy) (fractions of the width and height)."""
+    t = FFHQ_TEMPLATE_512 - FFHQ_TEMPLATE_512.mean(axis=0)
+    a = np.deg2rad(angle_deg)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    return (t @ rot.T) * scale, np.array([cx, cy])
+
+
+class FixedDetector:
+    """`faces`: list of (cx, cy, size, angle) with cx, cy fractions of the image and size the eye
+    distance as a fraction of the image width."""
+
+    def __init__(self, faces, score: float = 0.99):
+        self.faces = list(faces)
+        self.score = score
+        self.seen: list[tuple[int, int]] = []
+
+    def detect_faces(self, image, conf_threshold=0.8, nms_threshold=0.4, use_origin_size=True):
+        h, w = image.shape[:2]
+        self.seen.append((h, w))
+        rows = []
+        for cx, cy, size, angle in self.faces:
+            eye = np.linalg.norm(FFHQ_TEMPLATE_512[1] - FFHQ_TEMPLATE_512[0])
+            pts, centre = template_face(cx, cy, size * w / eye, angle)
+            pts = pts + centre * [w, h]
+            x1, y1 = pts.min(axis=0) - size * w
+            x2, y2 = pts.max(axis=0) + size * w
+            rows.append([x1, y1, x2, y2, self.score, *pts.reshape(-1)])
+        return np.array(rows, dtype=np.float32).reshape(-1, 15)
+
+
+def synthetic_photo(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
+    """A smooth colourful RGB uint8 image with some texture (no real face: the detector is a stand-in)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([128 + 100 * np.sin(x / 9), 128 + 100 * np.cos(y / 7), 128 + 60 * np.sin((x + y) / 13)], -1)
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
