@@ -51,3 +51,31 @@ def synthetic_photo(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
     img = np.stack([128 + 100 * np.sin(x / 9), 128 + 100 * np.cos(y / 7), 128 + 60 * np.sin((x + y) / 13)], -1)
     img += rng.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+class ResizingRestorer:
+    """A restorer stand-in with DiffBIRPipeline's call: the image PIL-bicubic resized by `upscale`
+    (identity at upscale 1), so a face "restored" by it is its own crop. `fail_on` names sources
+    (substrings) whose call raises, as an out-of-memory restoration would."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.fail_on = fail_on
+        self.calls: list[str | None] = []
+        self.captioner = None
+
+    def __call__(self, rgb, settings, *, output_type="pt", on_step=None, source=None, caption=None,
+                 return_guidance_map=False):
+        import torch
+
+        from restorecli.pipeline.diffbir import DiffBIROutput
+        from restorecli.stage1.run import pre_upscale
+
+        self.calls.append(source)
+        if self.fail_on and source and self.fail_on in source:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        out = pre_upscale(rgb, settings.upscale)
+        top = 255.0 if out.dtype == np.uint8 else 65535.0 if out.dtype == np.uint16 else 1.0
+        x = torch.from_numpy(out.astype(np.float32) / top).permute(2, 0, 1)[None]
+        if on_step is not None:
+            on_step(1, 1)
+        return DiffBIROutput(images=x, seeds=[settings.sampler.seed], captions=[caption], prompts=[None])

@@ -121,7 +121,7 @@ class FacePipeline:
         self.face = face
         self.detector = detector
         self.parser = parser if parser is not None else no_parser()
-        self.default_settings = default_settings or background.default_settings
+        self.default_settings = default_settings or getattr(background, "default_settings", None) or RestoreSettings()
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -203,7 +203,11 @@ class FacePipeline:
         pipeline's captioner), plus `only_center_face`. `output_type` np | pt | pil as DiffBIRPipeline."""
         settings = (settings if settings is not None else self.default_settings).replace(**overrides)
         # 1. Check inputs
-        rgb = self.background.check_inputs(image, settings, output_type)
+        if not isinstance(settings, RestoreSettings):
+            raise UsageError(f"`settings` must be a restorecli.settings.RestoreSettings, got {type(settings).__name__}")
+        if output_type not in ("np", "pt", "pil"):
+            raise UsageError(f"`output_type` must be np, pt or pil; got {output_type!r}")
+        rgb = _as_rgb_array(image)
         dtype = rgb.dtype if rgb.dtype in (np.uint8, np.uint16) else np.float32
         if dtype == np.float32:
             rgb = np.clip(rgb.astype(np.float32), 0, 1)
@@ -229,7 +233,7 @@ class FacePipeline:
         done = [f for f in faces if f.restored is not None]
         pasted = bg_units
         if done:
-            with self.background._monitor("paste faces"):
+            with _monitor(self.background, "paste faces"):
                 canvas = resize_background(bg_units, work.shape[:2])
                 masks = [self.parser.mask(self._parse_input(f.restored, dtype)) for f in done]
                 inverse = [invert_affine(f.affine) for f in done]
@@ -260,6 +264,14 @@ class FacePipeline:
         if dtype == np.uint8:
             return face
         return (face / np.float32(_top(dtype))).astype(np.float32)
+
+
+def _monitor(pipe, name: str):
+    """The restorer's stage monitor (benchmarks time the paste with it), if it has one."""
+    import contextlib
+
+    monitor = getattr(pipe, "stage_monitor", None)
+    return monitor(name) if monitor is not None else contextlib.nullcontext()
 
 
 def _part_progress(on_step, part: int, parts: int):
