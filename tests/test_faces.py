@@ -386,3 +386,27 @@ def test_cli_full_restoration_of_a_photo_with_a_face(standin_faces, tmp_path, ca
     assert code == 0, captured.err
     line = json.loads(captured.out.splitlines()[0])
     assert line["faces"] == 1 and (line["width"], line["height"]) == (64, 48)
+
+
+# -- golden data from DiffBIR's own FaceRestoreHelper (tests/data/faces/README.md) ---------------
+
+
+@pytest.mark.parametrize("case", ["x4", "x1"])
+def test_paste_back_matches_the_official_helper(case):
+    from _face_standins import FixedParser, InvertingRestorer
+
+    folder = Path(__file__).with_name("data") / "faces"
+    meta = json.loads((folder / "official.json").read_text())
+    info = meta["cases"][case]
+    lq = np.asarray(Image.open(folder / f"{case}_input.png").convert("RGB"))
+    expected = np.asarray(Image.open(folder / f"{case}_official.png").convert("RGB"))
+    pipe = FacePipeline(ResizingRestorer(), InvertingRestorer(), FixedDetector(meta["faces"]),
+                        parsing.FaceParser(FixedParser(), "parsenet"))
+    out = pipe(lq, RestoreSettings(upscale=info["upscale"]))
+    faces = out.faces[0]
+    assert len(faces) == info["faces"]
+    assert np.array_equal(np.array([f.landmarks for f in faces]), np.array(info["landmarks"]))  # float32 as upstream
+    got = out.pixels[0]
+    assert got.shape == expected.shape
+    diff = np.abs(got.astype(int) - expected.astype(int))
+    assert diff.max() == 0, f"{(diff > 0).sum()} pixels differ, by at most {diff.max()}"  # bit-exact

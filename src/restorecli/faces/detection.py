@@ -66,10 +66,11 @@ def detect_faces(detector: FaceDetector, image: np.ndarray, *, only_center_face:
         found = detector.detect_faces(image)
     if found is None or len(found) == 0:
         return []
-    found = np.asarray(found, dtype=np.float64)
+    found = np.asarray(found)
+    scaled = found / scale  # in the detector's float32, as upstream (the landmarks are then bit-identical)
     faces = []
-    for row in found:
-        face = DetectedFace(box=row[0:4] / scale, score=float(row[4]), landmarks=(row[5:15] / scale).reshape(5, 2))
+    for row, raw in zip(scaled, found):
+        face = DetectedFace(box=row[0:4], score=float(raw[4]), landmarks=row[5:15].reshape(5, 2))
         if eye_dist_threshold is not None and face.eye_distance < eye_dist_threshold:
             continue
         faces.append(face)
