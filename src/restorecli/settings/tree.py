@@ -222,7 +222,8 @@ class FaceSettings:
                                           "only_center_face); the others keep the background's restoration.")
     save_faces: Optional[str] = setting(None, flags="--save-faces", panel=FACES, metavar="DIR", default_text="off",
                                         help="Also write each aligned 512x512 face crop before and after restoration "
-                                             "to DIR as <stem>_face<k>_lq.png and <stem>_face<k>_restored.png.")
+                                             "to DIR, as STEM_faceK_lq.png and STEM_faceK_restored.png (K = 0, 1, ... "
+                                             "in detection order).")
 
     def __post_init__(self):
         _set(self, "only_center_face", bool(self.only_center_face))
