@@ -322,6 +322,7 @@ def test_cli_no_face_writes_the_background_and_says_faces_0(standin_faces, tmp_p
 
 
 def test_cli_gray_alpha_and_exif_rotated_inputs(standin_faces, tmp_path, capsys):
+    standin_faces.faces = standin_faces.faces[:1]
     gray = _write(tmp_path / "gray.png", synthetic_photo(48, 64), "L")
     rgba = np.dstack([synthetic_photo(48, 64), np.full((48, 64), 200, np.uint8)])
     alpha = tmp_path / "alpha.png"
@@ -342,6 +343,7 @@ def test_cli_gray_alpha_and_exif_rotated_inputs(standin_faces, tmp_path, capsys)
 
 
 def test_batch_with_faces_resumes(standin_faces, tmp_path, capsys):
+    standin_faces.faces = standin_faces.faces[:1]
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(2):
@@ -350,9 +352,10 @@ def test_batch_with_faces_resumes(standin_faces, tmp_path, capsys):
             "--stage1-only", "--upscale", "1", "--device", "cpu", "--json", "--save-faces", str(tmp_path / "crops")]
     assert main(args) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith('{"input"')]
-    assert [x["faces"] for x in lines] == [2, 2] and all(len(x["face_crops"]) == 4 for x in lines)
+    assert [x["faces"] for x in lines] == [1, 1] and all(len(x["face_crops"]) == 2 for x in lines)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0_restored.png", "p1_restored.png"]
-    assert len(list((tmp_path / "crops").iterdir())) == 8
+    assert sorted(p.name for p in (tmp_path / "crops").iterdir()) == [
+        "p0_face0_lq.png", "p0_face0_restored.png", "p1_face0_lq.png", "p1_face0_restored.png"]
     assert main(args) == 0  # the rerun skips both
     assert [json.loads(x)["status"] for x in capsys.readouterr().out.splitlines() if x.startswith('{"input"')] == [
         "skipped", "skipped"]
