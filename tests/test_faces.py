@@ -378,17 +378,30 @@ def test_library_entry_points_name_the_face_pipeline():
 
 
 @pytest.mark.slow
-def test_cli_full_restoration_of_a_photo_with_a_face(standin_faces, tmp_path, capsys):
-    """Stage 2 too (tiny model, 1 step): one face and the background, each sampled, then pasted."""
-    standin_faces.faces = standin_faces.faces[:1]
-    src = _write(tmp_path / "portrait.png", synthetic_photo(48, 64))
-    code = main([str(src), "-o", str(tmp_path / "out.png"), "--task", "unaligned_face", "--model", MODEL,
-                 "--upscale", "1", "--device", "cpu", "--precision", "fp32", "--steps", "1", "--sampler",
-                 "edm_euler", "--cfg", "1", "--captioner", "none", "--prompt", "a face", "--json"])
+def test_cli_full_restoration_matches_the_official_helper_around_our_pipeline(monkeypatch, tmp_path, capsys):
+    """Stage 2 too, through the CLI: the golden image is DiffBIR's FaceRestoreHelper (geometry, paste)
+    around our parity-tested DiffBIRPipeline on the tiny model (tests/data/faces/README.md, "e2e")."""
+    import restorecli.pipeline.loading as loading
+    from _face_standins import FixedParser
+    from test_cases import compare
+
+    monkeypatch.setattr(loading, "_face_files", lambda opts, version, description, progress: {
+        "face_cleaner": description.cleaner, "face_detector": "stand-in", "face_parser": "stand-in"})
+    monkeypatch.setattr(detection, "load_detector", lambda path, name, device: FixedDetector([(0.36, 0.42, 0.14, 7.0)]))
+    monkeypatch.setattr(parsing, "load_parser", lambda path, name, device: parsing.FaceParser(FixedParser(), "parsenet"))
+    folder = Path(__file__).with_name("data") / "faces"
+    out = tmp_path / "out.png"
+    code = main([str(folder / "e2e_input.png"), "-o", str(out), "--task", "unaligned_face", "--model", MODEL,
+                 "--upscale", "4", "--steps", "2", "--sampler", "edm_dpm++_2m", "--cfg", "1", "--prompt",
+                 "a photo of a face", "--seed", "231", "--captioner", "none", "--device", "cpu", "--precision",
+                 "fp32", "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    line = json.loads(captured.out.splitlines()[0])
-    assert line["faces"] == 1 and (line["width"], line["height"]) == (64, 48)
+    assert json.loads(captured.out.splitlines()[0])["faces"] == 1
+    actual = np.asarray(Image.open(out).convert("RGB"))
+    expected = np.asarray(Image.open(folder / "e2e_expected.png").convert("RGB"))
+    ok, detail = compare(actual, expected, {"max_diff": 2, "min_fraction": 0.998, "min_psnr": 50.0})
+    assert ok, detail
 
 
 # -- golden data from DiffBIR's own FaceRestoreHelper (tests/data/faces/README.md) ---------------
