@@ -72,7 +72,9 @@ class RestoredFace:
 class FaceOutput(DiffBIROutput):
     """DiffBIROutput plus `faces` (per image: its RestoredFace list, detection order), `background` (the
     restored background before pasting, same type as `images`) and `pixels` (the result at the input's
-    depth: uint8 / uint16 / float32 HWC, exactly what a file gets)."""
+    depth: uint8 / uint16 / float32 HWC, exactly what a file gets). `stage1` is the background's stage-1
+    image with output_type "pt" only (None otherwise); guidance maps, captions and prompts are the
+    background's (each face's caption and prompt are on its RestoredFace)."""
 
     faces: list[list[RestoredFace]] = field(default_factory=list)
     background: Any = None

@@ -145,8 +145,9 @@ def _load_face_parts(files: dict, background_cleaner, opts: LoadSettings, device
     from ..stage1.cleaners import load_cleaner
 
     source = files["face_cleaner"]
-    # a model description has one cleaner: the faces use the loaded one (unless `cleaner` replaced it)
-    same = opts.version == "custom" and not opts.cleaner
+    # a model description has one cleaner: the faces use the loaded one (unless `cleaner` replaced it;
+    # a description without a cleaner restores the faces with the `cleaner` given)
+    same = source is None or (opts.version == "custom" and not opts.cleaner)
     face_cleaner = background_cleaner if same else load_cleaner(source, device=device, dtype=dtype,
                                                                 name=_cleaner_name(source))
     detector = load_detector(files["face_detector"], opts.face_detector, device=device)
