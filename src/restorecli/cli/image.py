@@ -22,7 +22,7 @@ from ..run.steps import FileResult
 from ..settings import default_captioner
 from .caption import CAPTION_HELP, CAPTIONS_HELP, load_for, print_caption, with_caption, with_captions
 from .options import RunRequest, restore_options
-from .terminal import QuietOpt, VerboseOpt, Output, use_verbosity
+from .terminal import QuietOpt, VerboseOpt, Output, faces_note, use_verbosity
 
 HELP = (
     "Restore one or more images (the default command: `restore photo.png` = `restore image photo.png`).\n\n"
@@ -163,7 +163,8 @@ class ImageEvents:
         if result.status == "failed":
             self.out.error(result.error)
         elif result.status == "ok" and result.output != STDIO:
-            self.out.info(f"{result.input} -> {result.output} ({result.width}x{result.height}, {result.seconds:.1f} s)")
+            self.out.info(f"{result.input} -> {result.output} ({result.width}x{result.height}{faces_note(result)}, "
+                          f"{result.seconds:.1f} s)")
         print_caption(self.out, result)
 
 

@@ -21,12 +21,12 @@ import typer
 
 from ..errors import UsageError
 from ..settings import LoadSettings, RestoreSettings, SettingError, default_settings, leaves
-from ..settings.spec import GUIDANCE, HARDWARE, MODEL, SAMPLING
+from ..settings.spec import FACES, GUIDANCE, HARDWARE, MODEL, SAMPLING
 
 LOAD_LEAVES = leaves(LoadSettings)
 RUN_LEAVES = leaves(RestoreSettings)
 #: --help shows the panels in this order (each panel's options in declaration order)
-PANELS = (MODEL, SAMPLING, GUIDANCE, HARDWARE)
+PANELS = (MODEL, SAMPLING, GUIDANCE, FACES, HARDWARE)
 #: flat setting name -> its CLI flag
 FLAG_OF = {leaf.name: leaf.flag for leaf in LOAD_LEAVES + RUN_LEAVES}
 

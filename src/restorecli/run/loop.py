@@ -256,7 +256,8 @@ class _BatchRun:
         return FileResult(job.input, job.output, "ok", seconds=spent + time.perf_counter() - t0,
                           width=restored.width, height=restored.height, seed=restored.seed, caption=restored.caption,
                           prompt=restored.prompt, caption_source=restored.caption_source,
-                          captioner_revision=restored.captioner_revision)
+                          captioner_revision=restored.captioner_revision, faces=restored.faces,
+                          face_crops=[path for path, _ in restored.face_crops] if restored.face_crops is not None else None)
 
     # -- reporting in order ----------------------------------------------------------------------
 
