@@ -39,6 +39,7 @@ def batch_command(
     overlap: Annotated[bool, typer.Option("--io-overlap/--no-io-overlap", help="Read the next image and write the previous one while the model runs.")] = True,
     save_guidance_map: Annotated[Optional[str], typer.Option("--save-guidance-map", metavar="DIR", help="Also write each image's restoration-guidance weight map into DIR as `<name>_guidance.png` (subfolders mirrored).", show_default=False)] = None,
     captions: Annotated[Optional[str], typer.Option("--captions", metavar="FILE|DIR", help=CAPTIONS_HELP, show_default=False)] = None,
+    devices: Annotated[Optional[str], typer.Option("--devices", metavar="LIST", help="One worker process per device, all pulling from one queue: `cuda:0,cuda:1`, `all` (every CUDA device), or `cpu,cpu`. Each loads the models once; same outputs as one process.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr (a line per file).")] = False,
     *,
@@ -69,7 +70,7 @@ def batch_command(
     code = run_batch_command(
         directory, output, request, out=out, recursive=recursive, pattern=glob, from_list=from_list,
         overwrite=overwrite, suffix=suffix, fmt=fmt, quality=quality, json_lines=json_lines, overlap=overlap,
-        save_guidance_map=save_guidance_map, captions=captions,
+        save_guidance_map=save_guidance_map, captions=captions, devices=devices,
     )
     raise typer.Exit(code)
 
@@ -91,6 +92,7 @@ def run_batch_command(
     overlap: bool = True,
     save_guidance_map: str | None = None,
     captions: str | None = None,
+    devices: str | None = None,
 ) -> int:
     from ..pipeline.build import load_pipeline
     from ..run import discovery, plan
@@ -98,6 +100,7 @@ def run_batch_command(
 
     settings = request.settings
     outdir = _output_dir(directory, output, from_list)
+    device_list = _devices(devices, request)
 
     # 1. What to restore
     failures = []
@@ -149,17 +152,37 @@ def run_batch_command(
             out.detail(f"removed an unfinished temp file of an earlier run: {path}")
         try:
             with view:
-                summary = run_batch(
-                    entries, lambda: load_pipeline(load, stage1_only=settings.stage1_only), settings,
-                    overwrite=overwrite, fmt=fmt, quality=quality,
-                    overlap=overlap, events=view,
-                )
+                if device_list is not None:
+                    from ..run.loader import PipelineLoader
+                    from ..run.workers import run_on_devices
+
+                    summary = run_on_devices(
+                        entries, PipelineLoader(load, settings.stage1_only, factory=load_pipeline), settings,
+                        device_list, overwrite=overwrite, fmt=fmt, quality=quality, events=view,
+                    )
+                else:
+                    summary = run_batch(
+                        entries, lambda: load_pipeline(load, stage1_only=settings.stage1_only), settings,
+                        overwrite=overwrite, fmt=fmt, quality=quality,
+                        overlap=overlap, events=view,
+                    )
         except BatchInterrupted as stop:
             summary = stop.summary
     view.print_summary(summary)
     if json_lines:
         out.json_line(summary.as_json())
     return summary.exit_code
+
+
+def _devices(devices: str | None, request: RunRequest) -> list[str] | None:
+    if devices is None:
+        return None
+    from ..run.workers import parse_devices
+
+    if request.load.device != "auto":
+        raise UsageError(f"--device {request.load.device} and --devices {devices}: give one of them "
+                         "(--devices for several workers)")
+    return parse_devices(devices)
 
 
 def _with_guidance_maps(settings, entries, outdir: Path, map_dir: Path) -> list:
@@ -225,6 +248,7 @@ class BatchView:
         self.jobs_left = sum(isinstance(e, Job) for e in entries)
         self.done = self.ok = self.skipped = self.failed = 0
         self.computed_count = 0
+        self.per_worker: dict[str, int] = {}  # with --devices: files restored by each worker
         self.first_start: float | None = None
         self.start = time.perf_counter()
         self.last_line = self.start
@@ -269,8 +293,17 @@ class BatchView:
         self.computed_count += 1
         self.jobs_left -= 1
 
+    def worker_lost(self, device: str, worker: int, job, reason: str, *, requeued: bool, restarted: bool) -> None:
+        what = f"while restoring {job.input}" if job is not None else "between files"
+        then = "; the file goes back to the queue" if requeued else ""
+        then += "; a new worker takes its place" if restarted else ""
+        self.out.error(f"the worker on {device} (#{worker}) died ({reason}) {what}{then}")
+
     def result(self, index: int, result) -> None:
         self.done += 1
+        if result.device is not None and result.status == "ok":
+            label = _worker_label(result.device, result.worker)
+            self.per_worker[label] = self.per_worker.get(label, 0) + 1
         if result.status == "ok":
             self.ok += 1
             self.out.detail(f"{result.input} -> {result.output} ({result.width}x{result.height}, {result.seconds:.1f} s)")
@@ -315,7 +348,13 @@ class BatchView:
 
     def _rate(self) -> str:
         per_image = self._per_image()
-        return f"{60 / per_image:.1f} images/min" if per_image else ""
+        if not per_image:
+            return ""
+        text = f"{60 / per_image:.1f} images/min"
+        if len(self.per_worker) > 1 and self.first_start is not None:  # --devices: each worker's share
+            minutes = (time.perf_counter() - self.first_start) / 60
+            text += " (" + ", ".join(f"{label} {n / minutes:.1f}" for label, n in sorted(self.per_worker.items())) + ")"
+        return text
 
     def _eta(self) -> str:
         per_image = self._per_image()
@@ -349,6 +388,10 @@ class BatchView:
                 self.out.info(f"  {failure.error}")
         if summary.interrupted:
             self.out.info("finished outputs are kept; run the same command again to do the rest")
+
+
+def _worker_label(device: str, worker: int | None) -> str:
+    return device if worker is None else f"{device}#{worker}"
 
 
 def _count(n: int, noun: str) -> str:
