@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -102,10 +103,7 @@ def run_batch_command(
     ray_workers: str | None = None,
 ) -> int:
     from ..pipeline.build import load_pipeline
-    from ..run import discovery, plan
-    from ..run.loop import BatchInterrupted, run_batch
-
-    from ..run import storage
+    from ..run import discovery, plan, storage
 
     settings = request.settings
     urls = storage.is_url(directory) or storage.is_url(output)
@@ -164,8 +162,26 @@ def run_batch_command(
         except OSError as e:
             raise SetupError(f"-o {outdir}: cannot create the folder ({e.strerror or e})") from None
     prompts = None if settings.stage1_only or not local else outdir / PROMPTS_FILE
+    stdout = sys.stdout  # the JSON lines' stream; with --ray everything else printed there goes to stderr
     view = BatchView(out, entries, json_lines=json_lines, renamed=renamed, prompts=prompts,
-                     negative_prompt=settings.prompts.negative_prompt)
+                     negative_prompt=settings.prompts.negative_prompt, stdout=stdout)
+    # Ray's driver prints its cluster's notices (an actor lost, a task retried) to stdout: stderr they go
+    with contextlib.redirect_stdout(sys.stderr) if ray else contextlib.nullcontext():
+        summary = _run(view, entries, outdir, local, jobs, ray, ray_address, workers, device_list, load, settings,
+                       load_pipeline, overwrite=overwrite, fmt=fmt, quality=quality, overlap=overlap)
+        view.print_summary(summary)
+        if json_lines:
+            out.json_line(summary.as_json(), stream=stdout)
+    return summary.exit_code
+
+
+def _run(view, entries, outdir, local, jobs, ray, ray_address, workers, device_list, load, settings, load_pipeline, *,
+         overwrite, fmt, quality, overlap):
+    """Lock the output folder, remove an earlier run's temp files, run the entries in the mode asked for."""
+    from ..run import plan
+    from ..run.loop import BatchInterrupted, run_batch
+
+    out = view.out
     with plan.output_folder_lock(outdir) if jobs and local else contextlib.nullcontext():
         for path in plan.remove_stale_temp_files(entries):
             out.detail(f"removed an unfinished temp file of an earlier run: {path}")
@@ -196,10 +212,7 @@ def run_batch_command(
                     )
         except BatchInterrupted as stop:
             summary = stop.summary
-    view.print_summary(summary)
-    if json_lines:
-        out.json_line(summary.as_json())
-    return summary.exit_code
+    return summary
 
 
 def _url_output(directory, output, from_list, save_guidance_map, ray: bool) -> str | Path:
@@ -291,11 +304,12 @@ class BatchView:
     line per failed file as it happens, JSON lines on stdout with --json, and the final summary."""
 
     def __init__(self, out: Output, entries, *, json_lines: bool, renamed=(), prompts: Path | None = None,
-                 negative_prompt: str = ""):
+                 negative_prompt: str = "", stdout=None):
         from ..run.plan import Job
 
         self.out = out
         self.json_lines = json_lines
+        self.stdout = stdout  # where the JSON lines go (None: sys.stdout)
         self.renamed = list(renamed)
         self.prompts = prompts  # prompts.jsonl, appended to per restored image (a rerun adds the new ones)
         self.negative_prompt = negative_prompt
@@ -371,7 +385,7 @@ class BatchView:
             self.failed += 1
             self.out.error(result.error)
         if self.json_lines:
-            self.out.json_line(result.as_json())
+            self.out.json_line(result.as_json(), stream=self.stdout)
         if self.progress is not None:
             self.progress.update(self.task, completed=self.done, eta=self._eta(), rate=self._rate())
         elif self.out.level >= NORMAL and time.perf_counter() - self.last_line >= PLAIN_PROGRESS_INTERVAL:
