@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_batch import all_files, fake, json_lines, make_images, run  # noqa: F401 (fake: a fixture)
+from test_batch import all_files, fake, json_lines, make_images, run, temp_files  # noqa: F401 (fake: a fixture)
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (the test extra installs it: pip install -e '.[test]')")
 pytestmark = pytest.mark.ray
@@ -121,3 +121,31 @@ def test_an_actor_killed_mid_run_is_replaced_and_the_run_completes(tmp_path, cap
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     survivors = [int(p.name) for p in local_ray.iterdir() if int(p.name) != me]
     assert survivors and killed[0][0] not in survivors  # a new actor finished the run
+
+
+def test_ctrl_c_keeps_what_is_written_reports_it_and_a_rerun_completes(tmp_path, capsys, fake, local_ray):
+    import _thread
+
+    src = tmp_path / "in"
+    make_images(src, 8)
+    out = tmp_path / "out"
+
+    def ctrl_c():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob("*_restored.png"))) < 2:
+            time.sleep(0.05)
+        _thread.interrupt_main()  # KeyboardInterrupt in the main thread, as Ctrl-C gives
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    code, stdout, err = run(["batch", src, "-o", out, "--ray", "--ray-workers", "1", "--json"], capsys)
+    assert code == 130, err
+    assert "interrupted: " in err and "run the same command again" in err
+    records = json_lines(stdout)
+    assert records[-1]["interrupted"] is True and records[-1]["not_done"] > 0
+    assert temp_files(out) == []  # the writes cut off left nothing half-way
+    written = all_files(out)
+    assert sorted(Path(r["output"]).name for r in records[:-1] if r["status"] == "ok") == written
+    code, stdout, err = run(["batch", src, "-o", out, "--ray", "--ray-workers", "1", "--json"], capsys)
+    assert code == 0, err
+    assert f"{8 - len(written)} to restore, {len(written)} already done" in err
+    assert len(all_files(out)) == 8

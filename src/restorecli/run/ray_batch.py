@@ -23,8 +23,9 @@ import pickle
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from ..errors import RestoreError, SetupError
+from ..errors import RestoreError, SetupError, UsageError
 from ..settings import RestoreSettings
 from .loader import PipelineLoader
 from .loop import BatchEvents, BatchInterrupted, BatchSummary, Read, read_job, restore_job, write_job
@@ -93,16 +94,24 @@ def run_on_ray(
         return summary
     start = time.perf_counter()
     events.loading()
+    reported: set[int] = set()
+    rows = iter(())
     try:
         connect(address)
         dataset = _pipeline(jobs, loader, settings, workers, dict(overwrite=overwrite, fmt=fmt, quality=quality))
-        for row in dataset.iter_rows():
+        rows = iter(dataset.iter_rows())
+        for row in rows:
             index, result = int(row["index"]), pickle.loads(row["result"])
+            if isinstance(result, _Fatal):
+                raise result.error()
             summary.model_seconds += float(row["model_seconds"])
             events.computed(index, entries[index])
             summary.results.append(result)
             events.result(index, result)
+            reported.add(index)
     except KeyboardInterrupt:
+        _stop(rows, jobs)
+        _report_written(jobs, reported, summary, events)
         summary.interrupted = True
         summary.seconds = time.perf_counter() - start
         raise BatchInterrupted(summary) from None
@@ -112,6 +121,40 @@ def run_on_ray(
         raise SetupError(f"the Ray pipeline failed: {_cause(e)}") from e
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _stop(rows, jobs) -> None:
+    """After Ctrl-C: shut the pipeline down (Ray Data cancels its tasks and actors when its iterator is
+    closed), then remove the temp files of the local writes it cut off."""
+    from .plan import remove_stale_temp_files
+
+    try:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
+    except Exception:  # noqa: BLE001 - stopping anyway
+        log.debug("closing the Ray pipeline failed", exc_info=True)
+    remove_stale_temp_files([job for _, job in jobs if not _is_url(job.output)])
+
+
+def _report_written(jobs, reported: set[int], summary: BatchSummary, events: BatchEvents) -> None:
+    """After Ctrl-C: files whose write finished but whose row had not reached us yet are there, complete
+    (writes are atomic); report them as restored, so that the report matches what is on disk."""
+    import os
+
+    from .storage import exists
+
+    for index, job in jobs:
+        if index in reported:
+            continue
+        try:
+            there = exists([job.output])[0] if _is_url(job.output) else os.path.lexists(job.output)
+        except Exception:  # noqa: BLE001 - a store we cannot ask now: the rerun will tell
+            there = False
+        if there:
+            result = FileResult(job.input, job.output, "ok")
+            summary.results.append(result)
+            events.result(index, result)
 
 
 def _pipeline(jobs, loader: PipelineLoader, settings: RestoreSettings, workers, options: dict):
@@ -162,6 +205,27 @@ def _read_url(job: Job) -> Read | FileResult:
     return Read(image, time.perf_counter() - t0)
 
 
+@dataclass(frozen=True)
+class _Fatal:
+    """A usage or setup error on an actor (models that do not load there): it ends the run, as in a local
+    batch. It travels as a result row, so that the caller gets the one line of the error, not a
+    crashed actor that Ray would restart and retry."""
+
+    kind: str
+    message: str
+    hint: str | None
+    exit_code: int
+
+    @classmethod
+    def of(cls, error: RestoreError) -> _Fatal:
+        return cls(type(error).__name__, str(error), error.hint, error.exit_code)
+
+    def error(self) -> RestoreError:
+        error = (UsageError if self.kind == "UsageError" else SetupError)(self.message, hint=self.hint)
+        error.exit_code = self.exit_code
+        return error
+
+
 class _Restorer:
     """The actor: loads the pipeline once, restores one file per call."""
 
@@ -171,7 +235,11 @@ class _Restorer:
         warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release")
         self.settings = settings
         self.device = device
-        self.pipe = loader.on(device)()
+        self.fatal: _Fatal | None = None
+        try:
+            self.pipe = loader.on(device)()
+        except RestoreError as e:
+            self.pipe, self.fatal = None, _Fatal.of(e)
         self.where = f"{socket.gethostname()}/{device}"
         if device == "cuda":
             import ray
@@ -184,9 +252,14 @@ class _Restorer:
         for job_bytes, state in zip(batch["job"], batch["state"]):
             job, read = pickle.loads(job_bytes), pickle.loads(state)
             t0 = time.perf_counter()
-            if isinstance(read, Read):
-                restored = restore_job(self.pipe, job, read, self.settings)
-                if not isinstance(restored, FileResult):
+            if self.fatal is not None:
+                restored = self.fatal
+            elif isinstance(read, Read):
+                try:
+                    restored = restore_job(self.pipe, job, read, self.settings)
+                except RestoreError as e:
+                    restored = self.fatal = _Fatal.of(e)
+                if not isinstance(restored, (FileResult, _Fatal)):
                     restored = (restored, read.seconds + time.perf_counter() - t0)
             else:
                 restored = read
@@ -199,6 +272,8 @@ def _write_row(row: dict, *, overwrite: bool, fmt: str | None, quality: int) -> 
     """Encode + write (a CPU task): the file's FileResult, with where it was restored."""
     job: Job = pickle.loads(row["job"])
     restored, where = pickle.loads(row["state"])
+    if isinstance(restored, _Fatal):
+        return {"index": row["index"], "result": pickle.dumps(restored), "model_seconds": row["model_seconds"]}
     if isinstance(restored, FileResult):
         result = restored
     else:
