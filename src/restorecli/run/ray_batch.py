@@ -18,6 +18,7 @@ own tensor columns would not keep the ICC profile, EXIF and alpha of each file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import socket
@@ -134,7 +135,32 @@ def _stop(rows, jobs) -> None:
             close()
     except Exception:  # noqa: BLE001 - stopping anyway
         log.debug("closing the Ray pipeline failed", exc_info=True)
-    remove_stale_temp_files([job for _, job in jobs if not _is_url(job.output)])
+    local = [job for _, job in jobs if not _is_url(job.output)]
+    _settle(local)
+    remove_stale_temp_files(local)
+
+
+def _settle(jobs: list[Job], quiet: float = 1.0, timeout: float = 10.0) -> None:
+    """Wait (at most `timeout` s) until the local outputs and temp files have not changed for `quiet` s:
+    a write that Ray's cancellation reached too late finishes (or is removed) before we report."""
+    import os
+
+    from .plan import output_folders
+
+    def snapshot():
+        found = set()
+        for folder in output_folders(jobs):
+            with contextlib.suppress(OSError):
+                found.update(os.listdir(folder))
+        return found
+
+    deadline = time.monotonic() + timeout
+    last, since = snapshot(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.1)
+        now = snapshot()
+        if now != last:
+            last, since = now, time.monotonic()
 
 
 def _report_written(jobs, reported: set[int], summary: BatchSummary, events: BatchEvents) -> None:
