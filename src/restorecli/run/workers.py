@@ -150,7 +150,9 @@ class _DeviceRun:
     def _start(self, number: int, device: str, restarts: int = 0) -> _Worker:
         parent_end, child_end = self.context.Pipe()
         process = self.context.Process(
-            target=_worker_main, name=f"restore-{device}-{number}", daemon=True,
+            # not daemonic: a worker may start processes of its own (torch.compile's compile workers); it
+            # exits when its pipe closes, so it does not outlive this process by more than its image
+            target=_worker_main, name=f"restore-{device}-{number}", daemon=False,
             args=(child_end, self.loader.on(device), self.settings, self.options, self.threads),
         )
         process.start()
