@@ -135,7 +135,8 @@ class _DeviceRun:
                 self._report(index, entry)
         try:
             if self.queue:
-                self.workers = [self._start(number, device) for number, device in enumerate(self.devices)]
+                starting = self.devices[: len(self.queue)]  # 2 files: no third worker to start for nothing
+                self.workers = [self._start(number, device) for number, device in enumerate(starting)]
                 self._loop()
         except KeyboardInterrupt:
             self._wind_down()
