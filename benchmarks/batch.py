@@ -90,7 +90,7 @@ def bench_mode(mode: str, photos: list[Path], work: Path, repeats: int) -> list[
 
     opts = default_settings("custom", "sr").replace(stage1_only=(mode == "stage1"), steps=1)
     t0 = time.perf_counter()
-    pipe = load_pipeline(LoadSettings(model=str(MODEL), device="cpu"), stage1_only=opts.stage1_only)
+    pipe = load_pipeline(LoadSettings(model=str(MODEL), device="cpu", captioner="none"), stage1_only=opts.stage1_only)
     load_s = time.perf_counter() - t0
     run_loop(pipe, opts, photos[:1], work / "warmup", overlap=False)
     runs: dict[bool, list[dict]] = {False: [], True: []}

@@ -170,7 +170,8 @@ def check_full_size(table: Table, device: str, *, steps: int, skip_compile: bool
     if dry_run:
         from restorecli import DiffBIRPipeline
 
-        pipe = DiffBIRPipeline.from_description(REFERENCE / "model_v.json", device=device, torch_dtype=torch.float32)
+        pipe = DiffBIRPipeline.from_description(REFERENCE / "model_v.json", device=device, torch_dtype=torch.float32,
+                                                captioner="none")
     else:
         pipe = full_size_pipeline("v2.1", device=device, dtype=torch.float32)
     half = torch.float16 if device.startswith("cuda") else torch.bfloat16

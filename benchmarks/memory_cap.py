@@ -93,11 +93,11 @@ def restore_child(args) -> dict:
     import torch
 
     from restorecli.pipeline.diffbir import DiffBIRPipeline
-    from restorecli.run.files import run_model
-    from restorecli.settings.defaults import RestoreOptions
+    from restorecli.run.steps import run_model
+    from restorecli.settings import default_settings
 
     torch.set_num_threads(args.threads)
-    pipe = DiffBIRPipeline.from_description(MODEL, device="cpu")
+    pipe = DiffBIRPipeline.from_description(MODEL, device="cpu", captioner="none", torch_dtype=torch.float32)
     if args.spill_dir:
         pipe.spill_dir = args.spill_dir
     if args.no_sampling:
@@ -117,7 +117,7 @@ def restore_child(args) -> dict:
         rgb = rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)
         bit_depth, is_gray, alpha, output_icc_profile, exif = 8, False, None, None, None
 
-    opts = RestoreOptions(model=str(MODEL), device="cpu", upscale=4, steps=1, cfg=args.cfg, max_memory=args.max_memory)
+    settings = default_settings("custom", "sr").replace(upscale=4, steps=1, cfg=args.cfg, max_memory=args.max_memory)
     plans = []
     real_plan = pipe.plan_memory
 
@@ -143,7 +143,7 @@ def restore_child(args) -> dict:
     pipe.stage_monitor = watch
     reset_hwm()
     t0 = time.perf_counter()
-    restored = run_model(pipe, Image, opts.resolve(), source=f"random_{size // 4}.png")
+    restored = run_model(pipe, Image, settings, source=f"random_{size // 4}.png")
     seconds = time.perf_counter() - t0
     watch.mark(f"after {watch.last}")
     assert restored.pixels.shape == (size, size, 3)
@@ -170,7 +170,7 @@ def spill_child(args) -> dict:
     from restorecli.vae.tiled import tiled_decode, tiled_encode
 
     torch.set_num_threads(args.threads)
-    pipe = DiffBIRPipeline.from_description(MODEL, device="cpu")
+    pipe = DiffBIRPipeline.from_description(MODEL, device="cpu", captioner="none", torch_dtype=torch.float32)
     s = args.size
     budget = int(0.8 * args.max_memory)
     plan = plan_stage2(s, s, vae_config=pipe.vae.config, unet_config=pipe.unet.config, budget=budget)
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ref", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from restorecli.cli.options import parse_size
+    from restorecli.settings import parse_size
 
     if args.child:
         args.max_memory = parse_size(args.max_memory)

@@ -51,7 +51,7 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _parse_size(text: str) -> int:
-    from restorecli.cli.options import parse_size
+    from restorecli.settings.tree import parse_size
 
     return parse_size(text)
 

@@ -149,14 +149,15 @@ def _message_strings(path: Path):
 
 def test_library_messages_name_settings_not_flags():
     """Below the CLI, messages say `steps`, not `--steps`: the CLI rewrites setting names into its flags,
-    other callers see the names they pass. Exempt: settings/ (it declares the flags), and run/ and the
+    other callers see the names they pass. Exempt: settings/ (it declares the flags), run/ and the
     image writer, whose messages are about the output-file options (--overwrite, --format, --suffix),
-    which are not settings."""
+    which are not settings, and webapp/, a front end like the CLI, whose page writes the `restore`
+    command line of a result and says which `restore ui` flag starts it with another captioner."""
     flag = re.compile(r"(^|[\s`(])--[a-z][a-z-]+")
     offenders = []
     for name, path in MODULES.items():
         if name.startswith(("restorecli.cli", "restorecli.run", "restorecli.settings", "restorecli.images",
-                            "restorecli.weights")):
+                            "restorecli.weights", "restorecli.webapp")):
             continue
         for line, text in _message_strings(path):
             if flag.search(text):
@@ -178,4 +179,29 @@ def test_the_package_cites_no_file_outside_the_repository():
     offenders = [f"{path.relative_to(PACKAGE)}:{i + 1}" for path in sorted(PACKAGE.rglob("*"))
                  if path.suffix in (".py", ".toml") for i, line in enumerate(path.read_text().splitlines())
                  if pattern.search(line)]
+    assert offenders == []
+
+
+def test_benchmarks_import_only_what_the_package_has():
+    """The benchmarks are not run by the tests, so a moved or renamed name would break them silently
+    (it did: `restorecli.cli.options.parse_size`, `restorecli.run.files`). Every `from restorecli... import
+    name` in benchmarks/ must resolve, lazy imports inside functions included."""
+    import importlib
+
+    offenders = []
+    for path in sorted((PACKAGE.parents[1] / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("restorecli")):
+                continue
+            try:
+                module = importlib.import_module(node.module)
+            except ImportError:
+                offenders.append(f"{path.name}:{node.lineno} {node.module}")
+                continue
+            for alias in node.names:
+                if not hasattr(module, alias.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        offenders.append(f"{path.name}:{node.lineno} {node.module}.{alias.name}")
     assert offenders == []

@@ -149,6 +149,24 @@ def test_json_lines_carry_caption_and_prompt(tmp_path, capsys, monkeypatch):
     assert code == 0 and json.loads(out.splitlines()[0])["caption"] is None
 
 
+def test_caption_flag_replaces_the_captioner_and_leads_the_prompt(tmp_path, capsys, monkeypatch):
+    stub = StubCaptioner("fake")
+    _fake_pipeline.install(monkeypatch, captioner=stub)
+    src = halves(tmp_path / "a.png")
+    code, out, err = run([src, "-o", tmp_path / "b.png", "--json", "--prompt", "sharp", "--caption", " a red sign "],
+                         capsys)
+    assert code == 0, err
+    record = json.loads(out.splitlines()[0])
+    assert (record["caption"], record["prompt"]) == ("a red sign", "a red sign, sharp")
+    assert stub.seen == []  # the captioner never ran
+    code, out, err = run([src, "-o", tmp_path / "c.png", "--json", "--prompt", "sharp", "--caption", ""], capsys)
+    assert code == 0 and json.loads(out.splitlines()[0])["prompt"] == "sharp"  # "": no caption at all
+    captions = tmp_path / "c.jsonl"
+    captions.write_text(json.dumps({"input": str(src), "caption": "x"}) + "\n")
+    code, out, err = run([src, "-o", tmp_path / "d.png", "--caption", "y", "--captions", captions], capsys)
+    assert code == 2 and "--caption and --captions" in err and not (tmp_path / "d.png").exists()
+
+
 def test_captions_file_replaces_the_captioner_and_warns_about_missing_entries(tmp_path, capsys, monkeypatch):
     built = _fake_pipeline.install(monkeypatch, captioner=StubCaptioner("fake"))
     monkeypatch.chdir(tmp_path)

@@ -35,7 +35,7 @@ def test_every_command_documents_an_example(capsys, command):
 def test_list_shows_the_shipped_table(capsys):
     code, out, err = run(capsys, "list")
     assert code == 0 and out == ""
-    for text in ("sd_v2.1", "CreativeML Open RAIL++-M", "5.21 GB", "scunet_psnr", "Download per model version", "v2.1 ~6.79 GB"):
+    for text in ("sd_v2.1", "CreativeML Open RAIL++-M", "5.21 GB", "scunet_psnr", "Download per model version", "v2.1 ~6.99 GB"):
         assert text in err
 
 

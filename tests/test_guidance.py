@@ -494,7 +494,7 @@ def test_the_pipeline_keeps_the_sampler_noise_and_retries_both_streams(reference
     import restorecli.pipeline.diffbir as pl
     from restorecli.models.cldm import ControlledUNet
 
-    pipe = pl.DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu")
+    pipe = pl.DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu", captioner="none")
     photo = np.asarray(Image.open(reference_dir / "inputs" / "blur_45x45.png").convert("RGB"))
     made: list[RecordingNoise] = []
 

@@ -120,7 +120,10 @@ def test_explicit_precisions_and_refusals(caplog):
     assert resolve_dtype("fp32", "cuda") == torch.float32
     assert resolve_dtype("fp16", "cuda") == torch.float16
     assert resolve_dtype("bf16", "cpu", native_bf16=True) == torch.bfloat16
-    assert resolve_dtype(None, "cuda") == torch.float16 and resolve_dtype(None, "cpu") == torch.float32
+    # None is the default, auto
+    assert resolve_dtype(None, "cuda") == torch.float16
+    assert resolve_dtype(None, "cpu", native_bf16=False) == torch.float32
+    assert resolve_dtype(None, "cpu", native_bf16=True) == torch.bfloat16
     with pytest.raises(UsageError, match="`precision` fp16 needs a GPU"):
         resolve_dtype("fp16", "cpu")
     with pytest.raises(UsageError, match="auto, fp32, fp16, bf16"):
@@ -411,7 +414,8 @@ class Pipelines:
         if key not in self.cache:
             from restorecli import DiffBIRPipeline
 
-            pipe = DiffBIRPipeline.from_description(REFERENCE / f"model_{model}.json", device="cpu", torch_dtype=dtype)
+            pipe = DiffBIRPipeline.from_description(REFERENCE / f"model_{model}.json", device="cpu", torch_dtype=dtype,
+                                                        captioner="none")
             if cleaner == "bsrnet":
                 pipe.cleaner, pipe.stage1_pipeline = tiny_bsrnet(dtype), "bsrnet"
             self.cache[key] = pipe

@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps
 
@@ -224,6 +225,10 @@ def make_8bit_mode_image(mode: str) -> Image.Image:
 )  # fmt: skip
 def test_every_8bit_mode_gives_the_official_colours(tmp_path, mode, fmt, has_alpha):
     path = tmp_path / f"{mode}.{fmt}"
+    if mode == "YCbCr" and int(PIL.__version__.split(".")[0]) < 13:
+        # (gradio, the ui extra, holds Pillow below 13)
+        pytest.skip(f"Pillow {PIL.__version__} writes a YCbCr TIFF it cannot read back (it reports the file "
+                    "truncated and opens it as RGB), so the fixture cannot be made; Pillow 13 can")
     make_8bit_mode_image(mode).save(path)
     with Image.open(path) as im:
         assert im.mode == mode

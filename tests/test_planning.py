@@ -229,7 +229,9 @@ def test_out_of_memory_errors_are_recognised():
 def pipe(reference_dir):
     from restorecli.pipeline.diffbir import DiffBIRPipeline
 
-    return DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu", captioner="none")
+    # fp32: the plans below are the float32 ones (auto would pick bf16 on CPUs with bf16 instructions)
+    return DiffBIRPipeline.from_description(reference_dir / "model_v.json", device="cpu", captioner="none",
+                                            torch_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -423,9 +425,13 @@ def test_idle_models_leave_the_device_and_offload_gives_the_same_image(pipe, pho
     assert set(where.values()) == {"host"}  # after the image, everything waits in host memory
 
 
-def test_cfg_is_batched_on_accelerators_only(pipe, monkeypatch):
-    assert pipe.cfg_batching() is None  # CPU: upstream's call pattern
+def test_cfg_is_batched_except_on_the_cpu_in_float32(pipe, monkeypatch):
+    assert pipe.cfg_batching() is None  # CPU, fp32: upstream's call pattern (bit for bit)
     from restorecli.pipeline.placement import Placement
+
+    with monkeypatch.context() as m:  # CPU in half precision: exactness is gone, one batched call is faster
+        m.setattr(type(pipe.unet), "dtype", property(lambda self: torch.bfloat16))
+        assert pipe.cfg_batching() is True
 
     monkeypatch.setattr(pipe, "placement", Placement("cuda"))
     assert pipe.cfg_batching() is True
@@ -440,7 +446,8 @@ def test_load_uses_sdpa_attention_and_compiles_on_request(reference_dir, monkeyp
 
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
-    p = load_pipeline(LoadSettings(model=str(reference_dir / "model_v.json"), device="cpu", compile=True, offload=True))
+    p = load_pipeline(LoadSettings(model=str(reference_dir / "model_v.json"), device="cpu", compile=True, offload=True,
+                                   captioner="none"))
     assert sorted(compiled) == ["IRControlNetModel", "UNet2DConditionModel"]
     for module in (p.unet, p.controlnet, p.vae):
         assert use_sdpa(module) == {"AttnProcessor2_0"}
@@ -474,7 +481,7 @@ def test_max_memory_end_to_end_tiles_and_says_so(reference_dir, tmp_path, monkey
     monkeypatch.chdir(reference_dir)
     out = tmp_path / "out.png"
     code = main(["-v", "inputs/blur_45x45.png", "-o", str(out), "--model", "model_v.json", "--upscale", "1", "--steps", "1",
-                 "--cfg", "1", "--device", "cpu", "--max-memory", "48MB"])
+                 "--cfg", "1", "--device", "cpu", "--precision", "fp32", "--captioner", "none", "--max-memory", "48MB"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 0, err
     assert "stage 1: 512x512 does not fit" in err and "encode tiles of" in err and "decode tiles of" in err
@@ -490,7 +497,7 @@ def test_max_memory_too_small_is_one_line_and_exit_1(reference_dir, tmp_path, mo
     monkeypatch.chdir(reference_dir)
     out = tmp_path / "out.png"
     code = main(["inputs/blur_45x45.png", "-o", str(out), "--model", "model_v.json", "--upscale", "1", "--steps", "1",
-                 "--device", "cpu", "--max-memory", "16MB"])
+                 "--device", "cpu", "--precision", "fp32", "--captioner", "none", "--max-memory", "16MB"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 1 and not out.exists()
     errors = [line for line in err if line.startswith("error:")]

@@ -69,13 +69,21 @@ def _golden_run(reference_dir, tiny, par, name, **overrides):
     return z, x_T, noise, golden, run
 
 
+#: The final latents after 4 steps of the tiny random model are chaotic (the eps model's reach 2e4): on
+#: the AMD EPYC the golden data were made on they match to 1e-4, but another CPU's fp32 kernels (an
+#: Intel Xeon with AVX512-FP16, measured 2026-12-02) or one thread instead of two move them by up to
+#: 2.9e-3 of their scale (v/edm_heun; eps/edm_heun 2.2e-4), rounding-sized changes amplified. The
+#: mistakes this test is for (a wrong sigma, timestep or cfg order) move them by O(1).
+FINAL_LATENT_RTOL = 5e-3
+
+
 @pytest.mark.parametrize("name", list(SAMPLERS))
 @pytest.mark.parametrize("par", PARS)
 def test_final_latent_matches_official(reference_dir, tiny, par, name):
     z, x_T, noise, golden, run = _golden_run(reference_dir, tiny, par, name)
     assert torch.equal(x_T, golden[f"{name}/x_T"])
     assert torch.isfinite(z).all()
-    assert_close_rel(z, golden[f"{name}/z"], 1e-4, what=f"{par}/{name}/z")
+    assert_close_rel(z, golden[f"{name}/z"], FINAL_LATENT_RTOL, what=f"{par}/{name}/z")
 
     # exactly the recorded draws, in order: x_T + the sampler's own
     recorded = sorted(k for k in golden if k.startswith(f"{name}/noise_"))

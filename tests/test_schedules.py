@@ -79,8 +79,16 @@ def _buffers(par, sampler, schedule):
 
 @pytest.mark.parametrize("par", PARS)
 def test_training_schedule_is_bit_identical(golden, schedules, par):
-    assert torch.equal(torch.from_numpy(schedules[par].betas), golden[f"{par}/betas"])
-    assert torch.equal(torch.from_numpy(schedules[par].alphas_cumprod), golden[f"{par}/alphas_cumprod"])
+    """Bit-identical on the CPU the golden data were made on (AMD EPYC). The zero-SNR rescale of the v
+    model is the official float64 torch arithmetic, which on an Intel Xeon (AVX512-FP16) rounds 24 of
+    the 1000 betas one ulp differently (measured 2026-12-02: torch, numpy and a Python loop agree with
+    each other there, 3.5 eps at most); so within 4 eps absolute (betas are 1 - alpha with alpha near
+    1: they inherit its absolute rounding), which no formula mistake stays inside."""
+    for name in ("betas", "alphas_cumprod"):
+        ours, official = torch.from_numpy(getattr(schedules[par], name)), golden[f"{par}/{name}"]
+        assert (ours - official).abs().max() <= 4 * torch.finfo(torch.float64).eps, name
+        if par == "eps":
+            assert torch.equal(ours, official)  # no rescale: exactly upstream's numpy on every CPU
 
 
 def test_zero_snr_facts(schedules):

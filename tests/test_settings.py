@@ -31,7 +31,7 @@ from restorecli.settings.defaults import V2_NEG_PROMPT
 
 #: the options of `restore IMAGE...` that are about files and the terminal, not restoration settings
 FILE_OPTIONS = {"output", "overwrite", "suffix", "fmt", "quality", "json_lines", "save_guidance_map", "quiet",
-                "verbose", "help", "inputs", "captions"}
+                "verbose", "help", "inputs", "captions", "caption"}
 
 
 def _image_command():
@@ -70,6 +70,8 @@ def _non_default(leaf):
         "cleaner_tile_stride": (64, "64"), "max_memory": (3 * 2**30, "3GB"), "guidance_start": (900, "900"),
         "guidance_stop": (100, "100"), "noise_aug": (5, "5"), "steps": (3, "3"), "seed": (7, "7"),
         "order": (3, "3"), "guidance_repeat": (2, "2"),
+        "face_detector": ("retinaface_mobile0.25", "retinaface_mobile0.25"), "face_parser": ("bisenet", "bisenet"),
+        "save_faces": ("crops", "crops"),
     }
     if leaf.name in special:
         return special[leaf.name]

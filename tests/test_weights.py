@@ -35,7 +35,8 @@ def test_shipped_table_parses_and_wires_every_version():
         "sd2_tokenizer_vocab", "sd2_tokenizer_merges", "sd2_tokenizer_special_tokens", "sd2_tokenizer_config",
     ]
     assert reg.wiring("v2", "unaligned_face") == {
-        "cleaner": "bsrnet", "face_cleaner": "swinir_face", "controlnet": "v2", "sd": "sd_v2.1",
+        "cleaner": "bsrnet", "face_cleaner": "swinir_face", "face_detector": "retinaface_resnet50",
+        "face_parser": "parsenet", "controlnet": "v2", "sd": "sd_v2.1",
         "tokenizer": ("sd2_tokenizer_vocab", "sd2_tokenizer_merges", "sd2_tokenizer_special_tokens", "sd2_tokenizer_config"),
     }
     assert reg.wiring("v2", "denoise")["cleaner"] == "scunet_psnr"

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "DiffBIRPipeline"]
+__all__ = ["__version__", "DiffBIRPipeline", "FacePipeline", "load_pipeline"]
 
 
 def __getattr__(name):
@@ -11,4 +11,12 @@ def __getattr__(name):
         from .pipeline.diffbir import DiffBIRPipeline
 
         return DiffBIRPipeline
+    if name == "FacePipeline":
+        from .faces.pipeline import FacePipeline
+
+        return FacePipeline
+    if name == "load_pipeline":
+        from .pipeline.build import load_pipeline
+
+        return load_pipeline
     raise AttributeError(f"module 'restorecli' has no attribute {name!r}")

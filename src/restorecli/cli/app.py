@@ -95,12 +95,14 @@ def _mount_subcommands() -> None:
     from .caption import HELP as CAPTION_HELP
     from .caption import caption_command
     from .image import HELP, image_command
+    from .ui import ui_command
     from .weights import weights_app
 
     app.command(DEFAULT_COMMAND, help=HELP)(image_command)
     app.command("batch", help=batch_command.__doc__)(batch_command)
     app.command("caption", help=CAPTION_HELP)(caption_command)
     app.add_typer(weights_app, name="weights")
+    app.command("ui", help=ui_command.__doc__)(ui_command)
 
 
 _mount_subcommands()

@@ -17,7 +17,7 @@ from .caption import CAPTIONS_HELP, load_for, print_caption, prompt_record, with
 from .options import RunRequest, restore_options
 from ..errors import SetupError, UsageError
 from ..run.outputs import STDIO
-from .terminal import NORMAL, Output, use_verbosity
+from .terminal import NORMAL, Output, faces_note, use_verbosity
 
 #: Without a terminal, a progress line at most this often (seconds).
 PLAIN_PROGRESS_INTERVAL = 15.0
@@ -375,7 +375,8 @@ class BatchView:
             self.per_worker[label] = self.per_worker.get(label, 0) + 1
         if result.status == "ok":
             self.ok += 1
-            self.out.detail(f"{result.input} -> {result.output} ({result.width}x{result.height}, {result.seconds:.1f} s)")
+            self.out.detail(f"{result.input} -> {result.output} ({result.width}x{result.height}{faces_note(result)}, "
+                            f"{result.seconds:.1f} s)")
             print_caption(self.out, result)
             self._record_prompts(result)
         elif result.status == "skipped":

@@ -21,6 +21,9 @@ CAPTIONS_HELP = ("Use these captions instead of running the captioner: a JSON-li
                  "writes it (keyed by input path), or a folder of `<stem>.txt` files. An image without an entry is "
                  "described by the captioner, with a warning.")
 
+CAPTION_HELP = ("This caption for every input instead of running the captioner (\"\" for none); it leads the "
+                "positive prompt as a captioner's would. The web app's \"restore again with this caption\" writes it.")
+
 HELP = (
     "Print what the captioner says about each image: one line `IMAGE: CAPTION` per image, or with `--json` one "
     "JSON object per image (`input`, `caption`, `captioner`, `revision`) - the format `--captions` reads back.\n\n"
@@ -144,6 +147,16 @@ def with_captions(entries: list, captions: str | None, *, out: Output, captioner
         out.warning(f"{captions} has no caption for {len(missing)} of {sum(isinstance(e, Job) for e in entries)} "
                     f"images ({shown}); {then}")
     return result
+
+
+def with_caption(entries: list, caption: str) -> list:
+    """The jobs of `entries` with `caption` (`--caption TEXT`) as every image's caption."""
+    import dataclasses
+
+    from ..run.plan import Job
+
+    return [dataclasses.replace(e, caption=caption.strip(), caption_source="--caption") if isinstance(e, Job) else e
+            for e in entries]
 
 
 def load_for(request, entries: list, captions: str | None):

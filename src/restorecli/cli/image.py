@@ -20,9 +20,9 @@ from ..run.outputs import STDIO, OutputPlan, check_output, is_directory_target
 from ..run.plan import Job, file_guidance_maps, plan_outputs
 from ..run.steps import FileResult
 from ..settings import default_captioner
-from .caption import CAPTIONS_HELP, load_for, print_caption, with_captions
+from .caption import CAPTION_HELP, CAPTIONS_HELP, load_for, print_caption, with_caption, with_captions
 from .options import RunRequest, restore_options
-from .terminal import QuietOpt, VerboseOpt, Output, use_verbosity
+from .terminal import QuietOpt, VerboseOpt, Output, faces_note, use_verbosity
 
 HELP = (
     "Restore one or more images (the default command: `restore photo.png` = `restore image photo.png`).\n\n"
@@ -43,6 +43,7 @@ def image_command(
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
     save_guidance_map: Annotated[Optional[str], typer.Option("--save-guidance-map", help="Also write the region-adaptive guidance weight map (grayscale image) here.", show_default=False)] = None,
     captions: Annotated[Optional[str], typer.Option("--captions", metavar="FILE|DIR", help=CAPTIONS_HELP, show_default=False)] = None,
+    caption: Annotated[Optional[str], typer.Option("--caption", metavar="TEXT", help=CAPTION_HELP, show_default=False)] = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     *,
@@ -52,6 +53,7 @@ def image_command(
     code = restore_files(
         inputs, output, request, out=out, overwrite=overwrite, suffix=suffix, fmt=fmt, quality=quality,
         json_lines=json_lines, save_guidance_map=save_guidance_map, captions=captions,
+        caption=caption,
     )
     raise typer.Exit(code)
 
@@ -70,12 +72,15 @@ def restore_files(
     save_guidance_map: str | None = None,
     overlap: bool = True,
     captions: str | None = None,
+    caption: str | None = None,
 ) -> int:
     """Returns the exit code: 0 all done, 1 some inputs failed. Usage/setup errors raise (exit 2);
     Ctrl-C raises `BatchInterrupted` after the outputs already computed are written."""
     from ..pipeline.build import load_pipeline
 
     settings = request.settings
+    if caption is not None and captions is not None:
+        raise UsageError("--caption and --captions both give captions; use one")
     plans = plan_outputs(inputs, output, suffix=suffix, fmt=fmt)
     to_stdout = any(p.output == STDIO for p in plans)
     if json_lines and to_stdout:
@@ -103,6 +108,9 @@ def restore_files(
 
     if captions is not None and not settings.stage1_only:
         entries = with_captions(entries, captions, out=out, captioner=default_captioner(request.load))
+    if caption is not None and not settings.stage1_only:
+        entries = with_caption(entries, caption)
+        captions = "--caption"
     load = load_for(request, entries, captions)
     events = ImageEvents(out, json_lines)
     with _stdout_kept_for_image(to_stdout) as image_stream:
@@ -155,7 +163,8 @@ class ImageEvents:
         if result.status == "failed":
             self.out.error(result.error)
         elif result.status == "ok" and result.output != STDIO:
-            self.out.info(f"{result.input} -> {result.output} ({result.width}x{result.height}, {result.seconds:.1f} s)")
+            self.out.info(f"{result.input} -> {result.output} ({result.width}x{result.height}{faces_note(result)}, "
+                          f"{result.seconds:.1f} s)")
         print_caption(self.out, result)
 
 

@@ -3,8 +3,9 @@
 Every leaf of `LoadSettings` and `RestoreSettings` (restorecli.settings) becomes one option: its flag,
 help, panel and default come from the field, enumerated settings are real choices (``--help`` lists
 them, shell completion completes them). `restore_options` appends them to a command and hands it one
-`RunRequest` instead of forty keyword arguments. The flag names are a contract (the reference CLI cases
-call them): add settings freely, never rename a flag.
+`RunRequest` instead of forty keyword arguments; `load_options` appends only the `LoadSettings` ones
+(`restore ui`). The flag names are a contract (the reference CLI cases call them): add settings
+freely, never rename a flag.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import typer
 
 from ..errors import UsageError
 from ..settings import LoadSettings, RestoreSettings, SettingError, default_settings, leaves
-from ..settings.spec import GUIDANCE, HARDWARE, MODEL, SAMPLING
+from ..settings.spec import FACES, GUIDANCE, HARDWARE, MODEL, SAMPLING
 
 LOAD_LEAVES = leaves(LoadSettings)
 RUN_LEAVES = leaves(RestoreSettings)
 #: --help shows the panels in this order (each panel's options in declaration order)
-PANELS = (MODEL, SAMPLING, GUIDANCE, HARDWARE)
+PANELS = (MODEL, SAMPLING, GUIDANCE, FACES, HARDWARE)
 #: flat setting name -> its CLI flag
 FLAG_OF = {leaf.name: leaf.flag for leaf in LOAD_LEAVES + RUN_LEAVES}
 
@@ -107,16 +108,29 @@ def request_from_flags(values: dict[str, Any]) -> RunRequest:
 
 def restore_options(command):
     """Append one option per setting to `command`'s signature; call it with `request=RunRequest(...)`."""
+    return _with_setting_options(command, LOAD_LEAVES + RUN_LEAVES, "request", request_from_flags)
+
+
+def load_options(command):
+    """Append one option per `LoadSettings` leaf (model, task, cleaner, weights, hardware) to `command`'s
+    signature; call it with `load=LoadSettings(...)`. For commands that load a pipeline and take the
+    per-image settings elsewhere (`restore ui` takes them from its form)."""
+    return _with_setting_options(command, LOAD_LEAVES, "load", lambda values: request_from_flags(values).load)
+
+
+def _with_setting_options(command, setting_leaves, keyword: str, build):
+    """`command` with one keyword-only option per leaf after its own parameters; the wrapper collects
+    their values ({flat name: value or None}) and passes `build(values)` as `keyword`."""
     own = inspect.signature(command, eval_str=True)
-    own_params = [p for name, p in own.parameters.items() if name != "request"]
+    own_params = [p for name, p in own.parameters.items() if name != keyword]
     own_params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind != p.KEYWORD_ONLY else p for p in own_params]
-    ordered = sorted(LOAD_LEAVES + RUN_LEAVES, key=lambda leaf: PANELS.index(leaf.spec.panel))
+    ordered = sorted(setting_leaves, key=lambda leaf: PANELS.index(leaf.spec.panel))
     extra = [_parameter(leaf) for leaf in ordered]
 
     @functools.wraps(command)
     def wrapper(**kwargs):
-        values = {leaf.name: kwargs.pop(leaf.name) for leaf in LOAD_LEAVES + RUN_LEAVES}
-        return command(request=request_from_flags(values), **kwargs)
+        values = {leaf.name: kwargs.pop(leaf.name) for leaf in setting_leaves}
+        return command(**{keyword: build(values)}, **kwargs)
 
     del wrapper.__wrapped__
     wrapper.__signature__ = own.replace(parameters=own_params + extra)

@@ -145,3 +145,11 @@ class _StepProgress:
     def __exit__(self, *exc) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def faces_note(result) -> str:
+    """", faces: 2" in a result line of `task` unaligned_face (and where the crops went); "" otherwise."""
+    if getattr(result, "faces", None) is None:
+        return ""
+    crops = f", {len(result.face_crops)} crop files" if result.face_crops else ""
+    return f", faces: {result.faces}{crops}"

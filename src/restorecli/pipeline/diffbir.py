@@ -242,10 +242,22 @@ class DiffBIRPipeline(DiffusionPipeline):
     def from_settings(cls, load, *, stage1_only: bool = False, torch_dtype: torch.dtype | None = None,
                       progress: Callable | None = None) -> "DiffBIRPipeline":
         """The pipeline a `restorecli.settings.LoadSettings` describes (what the CLI and the web app use),
-        with `default_settings` set to its version's and task's defaults."""
-        from .loading import load_components, prepare_for_speed
+        with `default_settings` set to its version's and task's defaults. `task` unaligned_face is
+        `restorecli.faces.FacePipeline`'s (a background and a face restorer sharing stage-2 models)."""
+        if load.task == "unaligned_face":
+            raise UsageError("`task` unaligned_face restores each face and the background with two pipelines: "
+                             "use restorecli.FacePipeline (from_version, from_description, from_settings) or "
+                             "restorecli.load_pipeline")
+        from .loading import load_components
 
-        parts = load_components(load, stage1_only=stage1_only, torch_dtype=torch_dtype, progress=progress)
+        return cls.from_components(load_components(load, stage1_only=stage1_only, torch_dtype=torch_dtype,
+                                                   progress=progress), load)
+
+    @classmethod
+    def from_components(cls, parts, load) -> "DiffBIRPipeline":
+        """The pipeline of loaded `restorecli.pipeline.loading.Components` (`load`: its LoadSettings)."""
+        from .loading import prepare_for_speed
+
         if parts.stage2 is None:
             return cls(cleaner=parts.cleaner, stage1_pipeline=parts.stage1_pipeline,
                        default_settings=parts.default_settings)
@@ -278,6 +290,21 @@ class DiffBIRPipeline(DiffusionPipeline):
         from .saving import save_pipeline
 
         save_pipeline(self, save_directory)
+
+    def sharing_stage2(self, cleaner: Cleaner, stage1_pipeline: str) -> "DiffBIRPipeline":
+        """A pipeline with another stage-1 `cleaner` and the same everything else: the same stage-2
+        modules (not copies), placement, prompt cache, captioner and defaults (unaligned_face's face
+        restorer beside its background restorer)."""
+        other = type(self)(
+            unet=self.unet, controlnet=self.controlnet, vae=self.vae, text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer, cleaner=cleaner, stage1_pipeline=stage1_pipeline, diffusion=self.diffusion,
+            latent_scale_factor=self.latent_scale_factor, default_settings=self.default_settings,
+            captioner=self.captioner,
+        )
+        other.placement = self.placement
+        other._prompt_cache = self._prompt_cache
+        other.batch_cfg, other.spill_dir, other.stage_monitor = self.batch_cfg, self.spill_dir, self.stage_monitor
+        return other
 
     def to(self, *args, **kwargs) -> "DiffBIRPipeline":
         """Move (and/or cast) every component, the stage-1 cleaner included; the placement follows."""
@@ -320,13 +347,18 @@ class DiffBIRPipeline(DiffusionPipeline):
             self.placement.to_device(self.vae, self.unet, self.controlnet)
 
     def cfg_batching(self) -> bool | None:
-        """True: cond and uncond in one batched UNet + ControlNet call (accelerators). None on the CPU:
-        the samplers' upstream pattern (batched for ddim / dpm++_m2, two calls for spaced / edm), which
-        reproduces the official runs bit for bit; batching there changes float rounding
-        (`restorecli.diffusion.sampling.sample`). `batch_cfg` overrides."""
+        """True: cond and uncond in one batched UNet + ControlNet call (accelerators, and the CPU in half
+        precision). None on the CPU in float32: the samplers' upstream pattern (batched for ddim /
+        dpm++_m2, two calls for spaced / edm), which reproduces the official runs bit for bit; batching
+        there changes float rounding (`restorecli.diffusion.sampling.sample`). In bf16 on the CPU that
+        exactness is gone anyway, and one batch-2 call took 18.4 s against 36.4 s for two batch-1 calls
+        (full-size v2.1 UNet + IRControlNet, 64x64 latent, 2 cores: `benchmarks/run.py --speed --dtype
+        bf16`). `batch_cfg` overrides."""
         if self.batch_cfg is not None:
             return self.batch_cfg
-        return True if self.execution_device.type != "cpu" else None
+        if self.execution_device.type != "cpu":
+            return True
+        return True if getattr(self.unet, "dtype", torch.float32) != torch.float32 else None
 
     # ------------------------------------------------------------------------------------------------
     # the call

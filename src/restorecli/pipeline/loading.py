@@ -32,6 +32,10 @@ class Components:
     device: torch.device
     default_settings: RestoreSettings
     captioner: Any = None  # a restorecli.captions Captioner, or None (`captioner` none, or stage 1 only)
+    # `task` unaligned_face: the face cleaner (a SwinIR), the RetinaFace detector, the parsing mask
+    face_cleaner: Any = None
+    face_detector: Any = None
+    face_parser: Any = None
 
 
 def load_components(
@@ -50,8 +54,9 @@ def load_components(
     from ..stage1.run import plan_for_cleaner, stage1_plan
 
     opts = load
-    if opts.task == "unaligned_face":
-        raise UsageError("`task` unaligned_face (whole images with faces) is not supported yet; use sr, denoise or face")
+    faces = opts.task == "unaligned_face"
+    if faces:
+        _check_facexlib()
     device = resolve_device(opts.device)
     dtype = torch_dtype or resolve_dtype(opts.precision, device)
     version = opts.version
@@ -84,6 +89,7 @@ def load_components(
 
     if opts.cleaner:
         cleaner_source = _cleaner_file(opts.cleaner, opts.weights_dir, progress)
+    face_files = _face_files(opts, version, description, progress) if faces else None
     caption_source = None
     if caption_choice is not None:
         caption_source = locate_captioner(caption_choice, weights_dir=opts.weights_dir, progress=progress)
@@ -92,10 +98,12 @@ def load_components(
     cleaner = load_cleaner(cleaner_source, device=device, dtype=dtype, name=_cleaner_name(cleaner_source))
     stage1_pipeline = plan.pipeline if not opts.cleaner else plan_for_cleaner(cleaner).pipeline
 
+    face_parts = _load_face_parts(face_files, cleaner, opts, device, dtype) if faces else {}
+
     # 3. Stage 2
     defaults = default_settings(version, opts.task)
     if stage1_only:
-        return Components(cleaner, stage1_pipeline, None, device, defaults)
+        return Components(cleaner, stage1_pipeline, None, device, defaults, **face_parts)
     from ..models.stage2 import load_stage2
 
     stage2 = load_stage2(description, device=device, dtype=dtype)
@@ -106,7 +114,46 @@ def load_components(
 
         captioner = load_from_folder(caption_source.folder, name=caption_source.name, revision=caption_source.revision,
                                      device=device, llava_bit=opts.llava_bit)
-    return Components(cleaner, stage1_pipeline, stage2, device, defaults, captioner)
+    return Components(cleaner, stage1_pipeline, stage2, device, defaults, captioner, **face_parts)
+
+
+def _check_facexlib() -> None:
+    """unaligned_face builds facexlib's networks: say how to get it before anything is downloaded."""
+    import importlib.util
+
+    if importlib.util.find_spec("facexlib") is None or importlib.util.find_spec("cv2") is None:
+        raise SetupError("`task` unaligned_face needs facexlib and OpenCV: pip install 'restorecli[faces]'")
+
+
+def _face_files(opts: LoadSettings, version: str, description, progress) -> dict:
+    """Resolve (find, verify, download) the face cleaner, detector and parser files before loading.
+    Pinned versions: the `face_cleaner` of weights.toml; a model description: its own cleaner."""
+    from .. import weights
+
+    files = {"face_cleaner": description.cleaner if version == "custom" else
+             weights.resolve(weights.wiring(version, opts.task)["face_cleaner"], weights_dir=opts.weights_dir,
+                             progress=progress)}
+    files["face_detector"] = weights.resolve(opts.face_detector, weights_dir=opts.weights_dir, progress=progress)
+    files["face_parser"] = (None if opts.face_parser == "none" else
+                            weights.resolve(opts.face_parser, weights_dir=opts.weights_dir, progress=progress))
+    return files
+
+
+def _load_face_parts(files: dict, background_cleaner, opts: LoadSettings, device, dtype) -> dict:
+    from ..faces.detection import load_detector
+    from ..faces.parsing import load_parser, no_parser
+    from ..stage1.cleaners import load_cleaner
+
+    source = files["face_cleaner"]
+    # a model description has one cleaner: the faces use the loaded one (unless `cleaner` replaced it;
+    # a description without a cleaner restores the faces with the `cleaner` given)
+    same = source is None or (opts.version == "custom" and not opts.cleaner)
+    face_cleaner = background_cleaner if same else load_cleaner(source, device=device, dtype=dtype,
+                                                                name=_cleaner_name(source))
+    detector = load_detector(files["face_detector"], opts.face_detector, device=device)
+    parser = no_parser() if files["face_parser"] is None else load_parser(files["face_parser"], opts.face_parser, device)
+    log.info("faces: detector %s, parser %s", opts.face_detector, opts.face_parser)
+    return {"face_cleaner": face_cleaner, "face_detector": detector, "face_parser": parser}
 
 
 def prepare_for_speed(pipe, device: torch.device, *, compile: bool = False) -> None:

@@ -112,15 +112,12 @@ def auto_dtype(device: torch.device | str, *, native_bf16: bool | None = None) -
 def resolve_dtype(precision: str | None, device: torch.device | str, *, native_bf16: bool | None = None) -> torch.dtype:
     """The networks' dtype for `--precision` (auto, fp32, fp16, bf16) on `device`.
 
-    None is the default before `auto` existed (fp16 on CUDA, fp32 elsewhere), kept until the settings
-    make `auto` the default. fp16 on the CPU is a usage error (see the module docstring; the library's
+    None means `auto` (the default). fp16 on the CPU is a usage error (see the module docstring; the library's
     `dtype=` is not refused); bf16 on a CPU without bf16 instructions runs, with a warning that it is
     slower than fp32 there.
     """
     device = torch.device(device)
-    if precision is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if precision == "auto":
+    if precision is None or precision == "auto":
         return auto_dtype(device, native_bf16=native_bf16)
     if precision not in PRECISION_DTYPES:
         raise UsageError(f"`precision` must be one of {', '.join(PRECISION_CHOICES)}; got {precision!r}")

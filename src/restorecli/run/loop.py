@@ -200,7 +200,8 @@ def write_job(job: Job, restored: Restored, spent: float, *, fmt: str | None, qu
     return FileResult(job.input, job.output, "ok", seconds=spent + time.perf_counter() - t0,
                       width=restored.width, height=restored.height, seed=restored.seed, caption=restored.caption,
                       prompt=restored.prompt, caption_source=restored.caption_source,
-                      captioner_revision=restored.captioner_revision)
+                      captioner_revision=restored.captioner_revision, faces=restored.faces,
+                      face_crops=[path for path, _ in restored.face_crops] if restored.face_crops is not None else None)
 
 
 class _BatchRun:

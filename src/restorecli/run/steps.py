@@ -34,6 +34,8 @@ class FileResult:
     captioner_revision: str | None = None
     device: str | None = None  # where it was restored, in a run over several devices or a cluster
     worker: int | None = None  # which of that run's workers (devices listed twice, Ray actors)
+    faces: int | None = None  # `task` unaligned_face: faces detected (None for the other tasks)
+    face_crops: list[str] | None = None  # with `save_faces`: the crop files written
 
     def as_json(self) -> dict:
         record = {
@@ -41,6 +43,10 @@ class FileResult:
             "seconds": round(self.seconds, 3), "width": self.width, "height": self.height, "seed": self.seed,
             "caption": self.caption, "prompt": self.prompt,
         }
+        if self.faces is not None:
+            record["faces"] = self.faces
+        if self.face_crops is not None:
+            record["face_crops"] = self.face_crops
         if self.device is not None:
             record.update(device=self.device, worker=self.worker)
         return record
@@ -62,6 +68,8 @@ class Restored:
     prompt: str | None = None
     caption_source: str | None = None
     captioner_revision: str | None = None
+    faces: int | None = None  # unaligned_face: faces detected
+    face_crops: list[tuple[str, np.ndarray]] | None = None  # with `save_faces`: (path, crop) to write
 
     @property
     def width(self) -> int:
@@ -92,8 +100,11 @@ def run_model(pipe, image, settings: RestoreSettings, *, on_step=None, source: s
     map_path = guidance_map
     out = pipe(image.rgb, settings, output_type="pt", on_step=on_step, source=source,
                return_guidance_map=map_path is not None, caption=caption)
-    restored = out.images[0].permute(1, 2, 0).float().cpu().numpy()
-    pixels = from_float(restored, image.bit_depth)
+    exact = getattr(out, "pixels", None)  # a FacePipeline's result at the input's depth
+    if exact and exact[0].dtype == (np.uint8 if image.bit_depth == 8 else np.uint16):
+        pixels = exact[0]
+    else:
+        pixels = from_float(out.images[0].permute(1, 2, 0).float().cpu().numpy(), image.bit_depth)
     if image.is_gray:  # a grayscale scan comes back grayscale (the model's three channels, as luminance)
         pixels = to_gray(pixels)
     height, width = pixels.shape[:2]
@@ -108,14 +119,40 @@ def run_model(pipe, image, settings: RestoreSettings, *, on_step=None, source: s
     if used is None:
         caption_source = None
     prompt = out.prompts[0] if getattr(out, "prompts", None) else None
+    faces = getattr(out, "faces", None)
+    crops = None
+    if faces is not None and settings.faces.save_faces is not None:
+        crops = face_crop_files(settings.faces.save_faces, source or "stdin", faces[0], image.is_gray)
     return Restored(pixels, alpha, image.output_icc_profile, image.exif, settings.sampler.seed, weights, map_path,
-                    used, prompt, caption_source, revision)
+                    used, prompt, caption_source, revision, len(faces[0]) if faces is not None else None, crops)
+
+
+def face_crop_files(folder: str, source: str, faces, gray: bool = False) -> list[tuple[str, np.ndarray]]:
+    """`<stem>_face<k>_lq.png` and `<stem>_face<k>_restored.png` in `folder` for each face k (detection
+    order, from 0; a face that failed has no `_restored`)."""
+    from ..images import to_gray
+
+    stem = Path(source).stem if source != "-" else "stdin"
+    files = []
+    for face in faces:
+        for tag, crop in (("lq", face.lq), ("restored", face.restored)):
+            if crop is None:
+                continue
+            if crop.dtype not in (np.uint8, np.uint16):
+                crop = np.clip(np.rint(crop * 65535.0), 0, 65535).astype(np.uint16)
+            files.append((str(Path(folder) / f"{stem}_face{face.index}_{tag}.png"), to_gray(crop) if gray else crop))
+    return files
 
 
 def write_output(dest: str | BinaryIO, restored: Restored, *, fmt: str | None, quality: int, overwrite: bool) -> None:
     """Step 3: encode and write atomically (a path) or in one piece (a stream); OutputError on failure."""
     from ..images import write_image
 
+    for path, crop in restored.face_crops or ():
+        # before the image itself, so a finished output means its crops are there (resume); a rerun
+        # rewrites them (they belong to this input only)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_image(path, crop, overwrite=True)
     write_image(
         dest, restored.pixels, alpha=restored.alpha, fmt=fmt, quality=quality, icc_profile=restored.icc_profile,
         exif=restored.exif, overwrite=overwrite,

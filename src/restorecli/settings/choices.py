@@ -33,6 +33,22 @@ class Task(Choice):
     UNALIGNED_FACE = "unaligned_face"
 
 
+class FaceDetector(Choice):
+    """RetinaFace backbones (facexlib `init_detection_model` names); resnet50 is DiffBIR's."""
+
+    RETINAFACE_RESNET50 = "retinaface_resnet50"
+    RETINAFACE_MOBILE = "retinaface_mobile0.25"
+
+
+class FaceParser(Choice):
+    """What masks a restored face when it is pasted back: parsenet (DiffBIR's), bisenet, or none (a soft
+    ellipse, no network)."""
+
+    PARSENET = "parsenet"
+    BISENET = "bisenet"
+    NONE = "none"
+
+
 class Sampler(Choice):
     SPACED = "spaced"
     DDIM = "ddim"

@@ -23,6 +23,7 @@ MODEL = "Model"
 SAMPLING = "Sampling"
 GUIDANCE = "Restoration guidance"
 HARDWARE = "Tiling and hardware"
+FACES = "Faces (--task unaligned_face)"
 
 
 class SettingError(UsageError):

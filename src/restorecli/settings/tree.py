@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from ..errors import UsageError
 from . import choices as C
-from .spec import GUIDANCE, HARDWARE, MODEL, SAMPLING, SettingError, finite, integer, leaves, one_of, setting
+from .spec import FACES, GUIDANCE, HARDWARE, MODEL, SAMPLING, SettingError, finite, integer, leaves, one_of, setting
 
 #: HEAD inference.py DEFAULT_POS_PROMPT / DEFAULT_NEG_PROMPT (the "oil painting" duplicate is upstream's).
 DEFAULT_POS_PROMPT = (
@@ -212,6 +212,27 @@ class TileSettings:
 
 
 @dataclass(frozen=True)
+class FaceSettings:
+    """`task` unaligned_face, per image: which detected faces are restored, and where the aligned crops
+    go. The pipeline returns every crop (before and after) in its output; `save_faces` is read by the
+    file runner (`restore IMAGE...`, `restore batch`), which writes them there."""
+
+    only_center_face: bool = setting(False, flags="--only-center-face", panel=FACES,
+                                     help="Restore only the detected face nearest the image centre (facexlib's "
+                                          "only_center_face); the others keep the background's restoration.")
+    save_faces: Optional[str] = setting(None, flags="--save-faces", panel=FACES, metavar="DIR", default_text="off",
+                                        help="Also write each aligned 512x512 face crop before and after restoration "
+                                             "to DIR, as STEM_faceK_lq.png and STEM_faceK_restored.png (K = 0, 1, ... "
+                                             "in detection order).")
+
+    def __post_init__(self):
+        _set(self, "only_center_face", bool(self.only_center_face))
+        if self.save_faces is not None:
+            if not isinstance(self.save_faces, str) or not self.save_faces.strip():
+                raise SettingError("save_faces", f"must name a folder, got {self.save_faces!r}")
+
+
+@dataclass(frozen=True)
 class RestoreSettings:
     """Everything one restoration call needs. Make variants with `replace(name=value, ...)` (flat names,
     as `DiffBIRPipeline.__call__` takes them: `steps`, `restoration_guidance`, `tile_size`...)."""
@@ -226,6 +247,7 @@ class RestoreSettings:
                              help="Colour correction toward the stage-1 image.")
     guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
     tiles: TileSettings = field(default_factory=TileSettings)
+    faces: FaceSettings = field(default_factory=FaceSettings)
 
     def __post_init__(self):
         _set(self, "upscale", finite("upscale", self.upscale))
@@ -249,18 +271,19 @@ class LoadSettings:
     model: str = setting("v2.1", flags=("--model", "-m"), panel=MODEL,
                          help="Model version (v1, v2, v2.1) or a model description JSON file.")
     task: str = setting(C.Task.SR.value, flags="--task", panel=MODEL, choices=C.Task,
-                        help="What to restore: sr (blind super-resolution), denoise, face (aligned 512x512 faces); "
-                             "unaligned_face is not supported yet.")
+                        help="What to restore: sr (blind super-resolution), denoise, face (aligned 512x512 faces), "
+                             "unaligned_face (whole photos with faces: each face is detected, aligned, restored "
+                             "as a face and pasted back into the restored background; v2, v2.1 and model files).")
     cleaner: Optional[str] = setting(None, flags="--cleaner", panel=MODEL, default_text="the version's cleaner",
                                      help="Stage-1 model: a pinned cleaner name (see `restore weights list`) or any "
                                           "image-to-image model file spandrel loads (Real-ESRGAN, SwinIR, HAT, DAT, SCUNet...).")
     weights_dir: Optional[str] = setting(None, flags="--weights-dir", panel=MODEL, envvar="RESTORE_WEIGHTS_DIR",
                                          help="Folder of checkpoint files you already have (found by file name, verified by sha256).")
     device: str = setting("auto", flags="--device", panel=HARDWARE, help="auto, cpu, cuda (or cuda:N) or mps.")
-    precision: Optional[str] = setting(None, flags="--precision", panel=HARDWARE, choices=C.Precision,
-                                                                              default_text="fp16 on CUDA, fp32 elsewhere",
-                                       help="Precision of the networks; auto = fp16 on CUDA, bf16 on CPUs with "
-                                            "bf16 instructions (AVX512-BF16/AMX), fp32 elsewhere.")
+    precision: str = setting(C.Precision.AUTO.value, flags="--precision", panel=HARDWARE, choices=C.Precision,
+                             help="Precision of the networks; auto = fp16 on CUDA, bf16 on CPUs with bf16 instructions "
+                                  "(AVX512-BF16/AMX), fp32 elsewhere. fp32 on the CPU reproduces the official code "
+                                  "bit for bit.")
     captioner: Optional[str] = setting(
         None, flags="--captioner", panel=SAMPLING, metavar="NAME|DIR|HUB_ID", default_text="florence2; v2: none",
         help="Vision-language model whose short description of each image leads the prompt: florence2 (Florence-2 "
@@ -269,6 +292,14 @@ class LoadSettings:
     llava_bit: str = setting(C.LlavaBit.FOUR.value, flags="--llava-bit", panel=SAMPLING, choices=C.LlavaBit,
                              help="llava's weights: 4 (NF4, upstream's default) or 8 bits with bitsandbytes on CUDA, "
                                   "else 16 bits.")
+    face_detector: str = setting(C.FaceDetector.RETINAFACE_RESNET50.value, flags="--face-detector", panel=FACES,
+                                 choices=C.FaceDetector,
+                                 help="unaligned_face: the face detector (RetinaFace; resnet50 is DiffBIR's, "
+                                      "mobile0.25 is 60x smaller and less accurate).")
+    face_parser: str = setting(C.FaceParser.PARSENET.value, flags="--face-parser", panel=FACES, choices=C.FaceParser,
+                               help="unaligned_face: the face-parsing mask that blends each restored face back: "
+                                    "parsenet (DiffBIR's; weights derived from a CC BY-NC-SA model, non-commercial), "
+                                    "bisenet (MIT), none (a soft ellipse, no network).")
     offload: bool = setting(False, flags="--offload", panel=HARDWARE, help="Keep idle submodules on the CPU (small GPUs).")
     compile: bool = setting(False, flags="--compile", panel=HARDWARE,
                             help="torch.compile the UNet and ControlNet (slow first image, faster after).")
@@ -276,8 +307,7 @@ class LoadSettings:
     def __post_init__(self):
         _set(self, "model", str(self.model))
         _set(self, "task", one_of("task", self.task, C.Task))
-        if self.precision is not None:
-            _set(self, "precision", one_of("precision", self.precision, C.Precision))
+        _set(self, "precision", one_of("precision", "auto" if self.precision is None else self.precision, C.Precision))
         device = str(self.device)
         kind, _, index = device.partition(":")
         if kind not in C.DEVICES or (index and (kind != "cuda" or not index.isdigit())):
@@ -290,6 +320,8 @@ class LoadSettings:
         if self.captioner is not None and not self.captioner.strip():
             raise SettingError("captioner", "must name a captioner (none, florence2, llava), a model folder or a Hub id")
         _set(self, "llava_bit", one_of("llava_bit", str(self.llava_bit), C.LlavaBit))
+        _set(self, "face_detector", one_of("face_detector", self.face_detector, C.FaceDetector))
+        _set(self, "face_parser", one_of("face_parser", self.face_parser, C.FaceParser))
         _set(self, "offload", bool(self.offload))
         _set(self, "compile", bool(self.compile))
 

@@ -24,9 +24,9 @@ from ..errors import UsageError, WeightsError
 from .paths import hub_endpoint
 
 DEFAULT_TOML = Path(__file__).with_name("weights.toml")
-KINDS = ("cleaner", "controlnet", "sd", "tokenizer", "captioner")
+KINDS = ("cleaner", "controlnet", "sd", "tokenizer", "captioner", "face")
 #: Roles a version/task maps to files, in the order `files_for` lists them.
-ROLES = ("cleaner", "face_cleaner", "controlnet", "sd", "tokenizer")
+ROLES = ("cleaner", "face_cleaner", "face_detector", "face_parser", "controlnet", "sd", "tokenizer")
 
 #: A sha256 as weights.toml (and the Hub's LFS ETag) writes it.
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
