@@ -82,8 +82,8 @@ class Field:
     def parse(self, raw: Any) -> Any:
         """A widget's value as a setting value; None = not given (the default applies). Numbers that
         arrive as floats (JSON) become ints where the setting is an int; the settings check the rest."""
-        if raw is None or (isinstance(raw, str) and not raw.strip() and self.kind not in ("text",)):
-            return None
+        if raw is None or (isinstance(raw, str) and not raw.strip() and (self.kind != "text" or self.optional)):
+            return None  # (an empty prompt is a value; an empty optional text, e.g. `save_faces`, is not given)
         if self.kind == "int" and isinstance(raw, float) and raw.is_integer():
             return int(raw)
         if isinstance(raw, str) and self.kind in ("size", "int", "float"):
