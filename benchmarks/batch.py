@@ -19,7 +19,18 @@ the median over repeats:
   outside s/img (wall - model time) / N: reading, decoding, encoding, writing that the model waited for
                (with overlap on this should go toward zero: the disk work hides behind the model)
 
-Usage: python benchmarks/batch.py [--images 50] [--size 128x96] [--modes stage1,full] [--repeats 1]
+Two more modes (stage 1 only, the same photos) measure the engines of `restore batch --devices` and
+`--ray` against that loop:
+
+* workers: images per minute of `run.workers.run_on_devices` with 1 worker (`--devices cpu`) and 2
+  (`--devices cpu,cpu`), the CPUs shared out between them, next to the in-process loop. The wall time
+  includes starting the workers and loading the models in each (`first s`: when the first result came);
+  `steady img/min` counts from the first result to the last.
+* ray: the same images through `run.ray_batch.run_on_ray` on a local Ray (`ray.init(num_cpus=N)`, started
+  and warmed up before timing; each run still starts its actor and loads the model), one CPU actor, next
+  to the in-process loop; `overhead s/file` = (Ray wall - loop wall) / N.
+
+Usage: python benchmarks/batch.py [--images 50] [--size 128x96] [--modes stage1,full,workers,ray] [--repeats 1]
        [--full-images N] [--threads N]
 """
 
@@ -95,12 +106,97 @@ def bench_mode(mode: str, photos: list[Path], work: Path, repeats: int) -> list[
     return rows
 
 
+def bench_workers(photos: list[Path], work: Path) -> list[dict]:
+    """1 and 2 CPU workers (`--devices cpu` / `cpu,cpu`) against the in-process loop, stage 1 only."""
+    from restorecli.pipeline.build import load_pipeline
+    from restorecli.run.loader import PipelineLoader
+    from restorecli.run.loop import BatchEvents
+    from restorecli.run.plan import Job
+    from restorecli.run.workers import run_on_devices
+    from restorecli.settings import LoadSettings, default_settings
+
+    opts = default_settings("custom", "sr").replace(stage1_only=True)
+    load = LoadSettings(model=str(MODEL), device="cpu")
+    rows = []
+
+    class Clock(BatchEvents):
+        def __init__(self):
+            self.start, self.times = time.perf_counter(), []
+
+        def result(self, index, result):
+            self.times.append(time.perf_counter() - self.start)
+
+    pipe = load_pipeline(load, stage1_only=True)
+    run_loop(pipe, opts, photos[:1], work / "warmup-loop", overlap=False)
+    loop = run_loop(pipe, opts, photos, work / "loop", overlap=True)
+    rows.append({"engine": "loop (1 process)", "wall": loop["wall"], "rate": loop["rate"], "first": None, "steady": None})
+    del pipe
+    for devices in (["cpu"], ["cpu", "cpu"]):
+        outdir = work / f"workers-{len(devices)}"
+        outdir.mkdir()
+        entries = [Job(str(p), str(outdir / f"{p.stem}_restored.png")) for p in photos]
+        clock = Clock()
+        summary = run_on_devices(entries, PipelineLoader(load, True), opts, devices, fmt="png", overwrite=True,
+                                 events=clock)
+        assert summary.ok == len(photos), [r.error for r in summary.failures]
+        first, last = clock.times[0], clock.times[-1]
+        steady = (len(photos) - 1) / (last - first) * 60 if last > first else None
+        rows.append({"engine": f"--devices {','.join(devices)}", "wall": summary.seconds,
+                     "rate": len(photos) / summary.seconds * 60, "first": first, "steady": steady})
+        print(f"  workers {len(devices)}: {summary.seconds:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def bench_ray(photos: list[Path], work: Path, cpus: int) -> list[dict]:
+    """`run_on_ray` (one CPU actor, local Ray of `cpus` CPUs) against the in-process loop, stage 1 only."""
+    import logging
+
+    import ray
+
+    from restorecli.pipeline.build import load_pipeline
+    from restorecli.run.loader import PipelineLoader
+    from restorecli.run.plan import Job
+    from restorecli.run.ray_batch import run_on_ray
+    from restorecli.settings import LoadSettings, default_settings
+
+    opts = default_settings("custom", "sr").replace(stage1_only=True)
+    load = LoadSettings(model=str(MODEL), device="cpu")
+    t0 = time.perf_counter()
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    init_s = time.perf_counter() - t0
+
+    def ray_run(subset, name):
+        outdir = work / name
+        outdir.mkdir()
+        entries = [Job(str(p), str(outdir / f"{p.stem}_restored.png")) for p in subset]
+        summary = run_on_ray(entries, PipelineLoader(load, True), opts, workers=1, fmt="png", overwrite=True)
+        assert summary.ok == len(subset), [r.error for r in summary.failures]
+        return summary.seconds
+
+    one = ray_run(photos[:1], "ray-warmup")  # imports on the Ray workers, actor start, model load
+    wall = ray_run(photos, "ray")
+    ray.shutdown()
+    torch_threads = max(1, cpus // 2)
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    pipe = load_pipeline(load, stage1_only=True)
+    run_loop(pipe, opts, photos[:1], work / "warmup-loop-ray", overlap=False)
+    loop = run_loop(pipe, opts, photos, work / "loop-ray", overlap=True)
+    n = len(photos)
+    return [{"engine": f"loop, {torch_threads} thread(s)", "wall": loop["wall"], "per_file": loop["wall"] / n,
+             "overhead": None, "init": None, "one": None},
+            {"engine": "ray, 1 CPU actor", "wall": wall, "per_file": wall / n, "overhead": (wall - loop["wall"]) / n,
+             "init": init_s, "one": one}]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--full-images", type=int, default=None, help="images for the full mode [default: --images]")
     parser.add_argument("--size", default="128x96")
-    parser.add_argument("--modes", default="stage1,full")
+    parser.add_argument("--modes", default="stage1,full", help="stage1, full, workers, ray (comma-separated)")
+    parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray in the ray mode")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -113,23 +209,46 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()  # the loop's (the ray mode lowers it for its own loop)
     size = tuple(int(v) for v in args.size.lower().split("x"))
     rows = []
     with tempfile.TemporaryDirectory(prefix="restore-bench-") as tmp:
         work = Path(tmp)
         photos = make_photos(work / "in", max(args.images, args.full_images or 0), size)
-        for mode in args.modes.split(","):
+        modes = args.modes.split(",")
+        for mode in [m for m in modes if m in ("stage1", "full")]:
             n = args.full_images if mode == "full" and args.full_images else args.images
             print(f"{mode}: {n} images of {size[0]}x{size[1]} ...", file=sys.stderr, flush=True)
             rows += bench_mode(mode, photos[:n], work, args.repeats)
+        workers = bench_workers(photos[: args.images], work) if "workers" in modes else []
+        rays = bench_ray(photos[: args.images], work, args.ray_cpus) if "ray" in modes else []
     print(f"\nrestore batch loop, tiny model ({MODEL.name}), CPU, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs, {args.repeats} run(s) each (median)\n")
     header = f"{'mode':<8} {'overlap':<8} {'images':>6} {'load s':>7} {'wall s':>8} {'img/min':>8} {'model s/img':>12} {'outside s/img':>14}"
-    print(header)
-    print("-" * len(header))
+    if rows:
+        print(header)
+        print("-" * len(header))
     for r in rows:
         print(f"{r['mode']:<8} {r['overlap']:<8} {r['images']:>6} {r['load']:>7.1f} {r['wall']:>8.1f} {r['rate']:>8.1f} "
               f"{r['model']:>12.3f} {r['outside']:>14.3f}")
+    if workers:
+        print(f"\nworkers, stage 1 only, {args.images} images, the CPUs shared out between the workers\n")
+        header = f"{'engine':<20} {'wall s':>8} {'img/min':>8} {'first s':>8} {'steady img/min':>15}"
+        print(header)
+        print("-" * len(header))
+        for r in workers:
+            first = f"{r['first']:.1f}" if r["first"] is not None else "-"
+            steady = f"{r['steady']:.1f}" if r["steady"] is not None else "-"
+            print(f"{r['engine']:<20} {r['wall']:>8.1f} {r['rate']:>8.1f} {first:>8} {steady:>15}")
+    if rays:
+        print(f"\nRay Data path against the loop, stage 1 only, {args.images} images, local Ray of {args.ray_cpus} CPUs "
+              f"(ray.init {rays[1]['init']:.1f} s, a 1-image run {rays[1]['one']:.1f} s)\n")
+        header = f"{'engine':<20} {'wall s':>8} {'s/file':>8} {'overhead s/file':>16}"
+        print(header)
+        print("-" * len(header))
+        for r in rays:
+            overhead = f"{r['overhead']:.3f}" if r["overhead"] is not None else "-"
+            print(f"{r['engine']:<20} {r['wall']:>8.1f} {r['per_file']:>8.3f} {overhead:>16}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ inverted image. Knobs (environment, so that the subprocess tests can set them):
   FAKE_OOM=big            inputs whose path contains this raise CUDA's out-of-memory RuntimeError
   FAKE_PRINT=1            print to stdout inside the model (a misbehaving dependency)
   FAKE_CAPTIONER=1        a stand-in captioner (tests/_tiny_captioners.py StubCaptioner: no model, no weights)
+  FAKE_CRASH=name         inputs whose path contains this kill the process restoring them (SIGKILL)
+  FAKE_PIDS=DIR           each process writes DIR/<pid> when it restores an image (tests find workers)
 
 `python tests/_fake_pipeline.py ARGS...` runs `restore ARGS...` with this pipeline.
 """
@@ -67,6 +69,14 @@ class FakePipeline:
             self.on_call(source)
         if os.environ.get("FAKE_PRINT"):
             print("a stray line from a dependency")
+        crash = os.environ.get("FAKE_CRASH")
+        if crash and source and crash in source:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("FAKE_PIDS"):
+            with open(os.path.join(os.environ["FAKE_PIDS"], str(os.getpid())), "a") as f:
+                f.write(f"{source}\n")
         if self.oom and source and self.oom in source:
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
         if self.delay:
@@ -83,26 +93,35 @@ class FakePipeline:
         return SimpleNamespace(images=[image], seeds=[seed], guidance_maps=maps, captions=[caption], prompts=[prompt])
 
 
+class FakeLoader:
+    """A stand-in for `restorecli.pipeline.build.load_pipeline` that builds FakePipelines. It pickles (by
+    reference to this module), so worker processes (`--devices`) and Ray actors (`--ray`) get it too;
+    there `built` is their own copy."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.built: list[FakePipeline] = []
+
+    def __call__(self, load, *, stage1_only=False, **_):
+        from restorecli.settings import LoadSettings
+
+        assert isinstance(load, LoadSettings), f"load_pipeline takes LoadSettings, got {type(load).__name__}"
+        pipe = FakePipeline(**self.kwargs)
+        pipe.load, pipe.stage1_only = load, stage1_only
+        self.built.append(pipe)
+        return pipe
+
+
 def install(monkeypatch_or_none=None, **kwargs) -> list[FakePipeline]:
     """Make `restorecli.pipeline.build.load_pipeline` build FakePipelines; returns the list of those built."""
     import restorecli.pipeline.build
 
-    built: list[FakePipeline] = []
-
-    def load_pipeline(load, *, stage1_only=False, **_):
-        from restorecli.settings import LoadSettings
-
-        assert isinstance(load, LoadSettings), f"load_pipeline takes LoadSettings, got {type(load).__name__}"
-        pipe = FakePipeline(**kwargs)
-        pipe.load, pipe.stage1_only = load, stage1_only
-        built.append(pipe)
-        return pipe
-
+    loader = FakeLoader(**kwargs)
     if monkeypatch_or_none is None:
-        restorecli.pipeline.build.load_pipeline = load_pipeline
+        restorecli.pipeline.build.load_pipeline = loader
     else:
-        monkeypatch_or_none.setattr(restorecli.pipeline.build, "load_pipeline", load_pipeline)
-    return built
+        monkeypatch_or_none.setattr(restorecli.pipeline.build, "load_pipeline", loader)
+    return loader.built
 
 
 if __name__ == "__main__":

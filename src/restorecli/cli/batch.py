@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -39,6 +40,10 @@ def batch_command(
     overlap: Annotated[bool, typer.Option("--io-overlap/--no-io-overlap", help="Read the next image and write the previous one while the model runs.")] = True,
     save_guidance_map: Annotated[Optional[str], typer.Option("--save-guidance-map", metavar="DIR", help="Also write each image's restoration-guidance weight map into DIR as `<name>_guidance.png` (subfolders mirrored).", show_default=False)] = None,
     captions: Annotated[Optional[str], typer.Option("--captions", metavar="FILE|DIR", help=CAPTIONS_HELP, show_default=False)] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run as a Ray Data pipeline on a Ray cluster (`pip install 'restorecli[ray]'`): DIR and -o may then be URLs (s3://, gs://, file://).")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="The cluster for --ray, e.g. `ray://head:10001` or `auto`. [default: RAY_ADDRESS, a local `ray start`, else a new local Ray]", show_default=False)] = None,
+    ray_workers: Annotated[Optional[str], typer.Option("--ray-workers", metavar="N|MIN-MAX", help="Restoring actors for --ray: N, or MIN-MAX to autoscale. [default: one per GPU of the cluster; without GPUs, one per two CPUs]", show_default=False)] = None,
+    devices: Annotated[Optional[str], typer.Option("--devices", metavar="LIST", help="One worker process per device, all pulling from one queue: `cuda:0,cuda:1`, `all` (every CUDA device), or `cpu,cpu`. Each loads the models once; same outputs as one process.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr (a line per file).")] = False,
     *,
@@ -69,7 +74,8 @@ def batch_command(
     code = run_batch_command(
         directory, output, request, out=out, recursive=recursive, pattern=glob, from_list=from_list,
         overwrite=overwrite, suffix=suffix, fmt=fmt, quality=quality, json_lines=json_lines, overlap=overlap,
-        save_guidance_map=save_guidance_map, captions=captions,
+        save_guidance_map=save_guidance_map, captions=captions, devices=devices,
+        ray=ray or ray_address is not None or ray_workers is not None, ray_address=ray_address, ray_workers=ray_workers,
     )
     raise typer.Exit(code)
 
@@ -91,13 +97,22 @@ def run_batch_command(
     overlap: bool = True,
     save_guidance_map: str | None = None,
     captions: str | None = None,
+    devices: str | None = None,
+    ray: bool = False,
+    ray_address: str | None = None,
+    ray_workers: str | None = None,
 ) -> int:
     from ..pipeline.build import load_pipeline
-    from ..run import discovery, plan
-    from ..run.loop import BatchInterrupted, run_batch
+    from ..run import discovery, plan, storage
 
     settings = request.settings
-    outdir = _output_dir(directory, output, from_list)
+    urls = storage.is_url(directory) or storage.is_url(output)
+    outdir = _url_output(directory, output, from_list, save_guidance_map, ray) if urls else _output_dir(directory, output, from_list)
+    local = isinstance(outdir, Path)  # else a URL: no lock, no prompts.jsonl, writes by run.storage
+    device_list = _devices(devices, request)
+    if ray and device_list is not None:
+        raise UsageError("--ray and --devices: give one of them (--ray runs on the devices of the Ray cluster)")
+    workers = _ray_workers(ray_workers) if ray else None
 
     # 1. What to restore
     failures = []
@@ -106,15 +121,20 @@ def run_batch_command(
         sources = discovery.listed_sources(discovery.read_list(from_list), directory)
         if pattern is not None:
             sources = [s for s in sources if discovery.matches_pattern(s.relative, pattern)]
+    elif storage.is_url(directory):
+        sources = storage.list_sources(directory, recursive=recursive, pattern=pattern)
     else:
-        same_folder = outdir.exists() and os.path.samefile(outdir, directory)
+        same_folder = local and outdir.exists() and os.path.samefile(outdir, directory)
         found = discovery.discover(
             directory, recursive=recursive, pattern=pattern,
-            exclude=[outdir] + ([save_guidance_map] if save_guidance_map is not None else []),
+            exclude=([outdir] if local else []) + ([save_guidance_map] if save_guidance_map is not None else []),
             skip_suffix=suffix if same_folder and suffix else None,
         )
         sources, ignored, failures = found.sources, found.ignored, found.failures
-    entries = failures + plan.plan_batch(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
+    if local:
+        entries = failures + plan.plan_batch(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
+    else:
+        entries = failures + storage.plan_urls(sources, outdir, suffix=suffix, fmt=fmt, overwrite=overwrite)
     if save_guidance_map is not None:
         entries = _with_guidance_maps(settings, entries, outdir, Path(save_guidance_map))
     if captions is not None and not settings.stage1_only:
@@ -136,30 +156,101 @@ def run_batch_command(
         out.detail(f"ignored (not an image): {path}")
 
     # 2. Lock the output folder, clean what a killed run left there, run
-    if jobs:
+    if jobs and local:
         try:
             outdir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SetupError(f"-o {outdir}: cannot create the folder ({e.strerror or e})") from None
-    prompts = None if settings.stage1_only else outdir / PROMPTS_FILE
+    prompts = None if settings.stage1_only or not local else outdir / PROMPTS_FILE
+    stdout = sys.stdout  # the JSON lines' stream; with --ray everything else printed there goes to stderr
     view = BatchView(out, entries, json_lines=json_lines, renamed=renamed, prompts=prompts,
-                     negative_prompt=settings.prompts.negative_prompt)
-    with plan.output_folder_lock(outdir) if jobs else contextlib.nullcontext():
+                     negative_prompt=settings.prompts.negative_prompt, stdout=stdout)
+    # Ray's driver prints its cluster's notices (an actor lost, a task retried) to stdout: stderr they go
+    with contextlib.redirect_stdout(sys.stderr) if ray else contextlib.nullcontext():
+        summary = _run(view, entries, outdir, local, jobs, ray, ray_address, workers, device_list, load, settings,
+                       load_pipeline, overwrite=overwrite, fmt=fmt, quality=quality, overlap=overlap)
+        view.print_summary(summary)
+        if json_lines:
+            out.json_line(summary.as_json(), stream=stdout)
+    return summary.exit_code
+
+
+def _run(view, entries, outdir, local, jobs, ray, ray_address, workers, device_list, load, settings, load_pipeline, *,
+         overwrite, fmt, quality, overlap):
+    """Lock the output folder, remove an earlier run's temp files, run the entries in the mode asked for."""
+    from ..run import plan
+    from ..run.loop import BatchInterrupted, run_batch
+
+    out = view.out
+    with plan.output_folder_lock(outdir) if jobs and local else contextlib.nullcontext():
         for path in plan.remove_stale_temp_files(entries):
             out.detail(f"removed an unfinished temp file of an earlier run: {path}")
         try:
             with view:
-                summary = run_batch(
-                    entries, lambda: load_pipeline(load, stage1_only=settings.stage1_only), settings,
-                    overwrite=overwrite, fmt=fmt, quality=quality,
-                    overlap=overlap, events=view,
-                )
+                if ray:
+                    from ..run.loader import PipelineLoader
+                    from ..run.ray_batch import run_on_ray
+
+                    summary = run_on_ray(
+                        entries, PipelineLoader(load, settings.stage1_only, factory=load_pipeline), settings,
+                        address=ray_address, workers=workers, overwrite=overwrite, fmt=fmt, quality=quality,
+                        events=view,
+                    )
+                elif device_list is not None:
+                    from ..run.loader import PipelineLoader
+                    from ..run.workers import run_on_devices
+
+                    summary = run_on_devices(
+                        entries, PipelineLoader(load, settings.stage1_only, factory=load_pipeline), settings,
+                        device_list, overwrite=overwrite, fmt=fmt, quality=quality, events=view,
+                    )
+                else:
+                    summary = run_batch(
+                        entries, lambda: load_pipeline(load, stage1_only=settings.stage1_only), settings,
+                        overwrite=overwrite, fmt=fmt, quality=quality,
+                        overlap=overlap, events=view,
+                    )
         except BatchInterrupted as stop:
             summary = stop.summary
-    view.print_summary(summary)
-    if json_lines:
-        out.json_line(summary.as_json())
-    return summary.exit_code
+    return summary
+
+
+def _url_output(directory, output, from_list, save_guidance_map, ray: bool) -> str | Path:
+    from ..run.storage import is_url
+
+    if not ray:
+        raise UsageError("URLs (s3://, gs://, file://...) are read and written by the Ray pipeline; add --ray")
+    if output is None:
+        raise UsageError("a URL to restore needs -o OUTDIR (a URL or a local folder)")
+    if from_list is not None or save_guidance_map is not None:
+        raise UsageError("--from-list and --save-guidance-map take local paths, not URLs")
+    if directory is None:
+        raise UsageError("give a folder or URL to restore (`restore batch s3://bucket/scans -o ... --ray`)")
+    return output if is_url(output) else Path(output)
+
+
+def _ray_workers(text: str | None) -> int | tuple[int, int] | None:
+    if text is None:
+        return None
+    low, dash, high = text.partition("-")
+    try:
+        bounds = (int(low), int(high)) if dash else (int(low), int(low))
+    except ValueError:
+        raise UsageError(f"--ray-workers must be N or MIN-MAX, e.g. 4 or 1-8; got {text!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise UsageError(f"--ray-workers must be at least 1 (and MIN <= MAX); got {text!r}")
+    return bounds if dash else bounds[0]
+
+
+def _devices(devices: str | None, request: RunRequest) -> list[str] | None:
+    if devices is None:
+        return None
+    from ..run.workers import parse_devices
+
+    if request.load.device != "auto":
+        raise UsageError(f"--device {request.load.device} and --devices {devices}: give one of them "
+                         "(--devices for several workers)")
+    return parse_devices(devices)
 
 
 def _with_guidance_maps(settings, entries, outdir: Path, map_dir: Path) -> list:
@@ -213,11 +304,12 @@ class BatchView:
     line per failed file as it happens, JSON lines on stdout with --json, and the final summary."""
 
     def __init__(self, out: Output, entries, *, json_lines: bool, renamed=(), prompts: Path | None = None,
-                 negative_prompt: str = ""):
+                 negative_prompt: str = "", stdout=None):
         from ..run.plan import Job
 
         self.out = out
         self.json_lines = json_lines
+        self.stdout = stdout  # where the JSON lines go (None: sys.stdout)
         self.renamed = list(renamed)
         self.prompts = prompts  # prompts.jsonl, appended to per restored image (a rerun adds the new ones)
         self.negative_prompt = negative_prompt
@@ -225,6 +317,7 @@ class BatchView:
         self.jobs_left = sum(isinstance(e, Job) for e in entries)
         self.done = self.ok = self.skipped = self.failed = 0
         self.computed_count = 0
+        self.per_worker: dict[str, int] = {}  # with --devices: files restored by each worker
         self.first_start: float | None = None
         self.start = time.perf_counter()
         self.last_line = self.start
@@ -269,8 +362,17 @@ class BatchView:
         self.computed_count += 1
         self.jobs_left -= 1
 
+    def worker_lost(self, device: str, worker: int, job, reason: str, *, requeued: bool, restarted: bool) -> None:
+        what = f"while restoring {job.input}" if job is not None else "between files"
+        then = "; the file goes back to the queue" if requeued else ""
+        then += "; a new worker takes its place" if restarted else ""
+        self.out.error(f"the worker on {device} (#{worker}) died ({reason}) {what}{then}")
+
     def result(self, index: int, result) -> None:
         self.done += 1
+        if result.device is not None and result.status == "ok":
+            label = _worker_label(result.device, result.worker)
+            self.per_worker[label] = self.per_worker.get(label, 0) + 1
         if result.status == "ok":
             self.ok += 1
             self.out.detail(f"{result.input} -> {result.output} ({result.width}x{result.height}{faces_note(result)}, "
@@ -284,7 +386,7 @@ class BatchView:
             self.failed += 1
             self.out.error(result.error)
         if self.json_lines:
-            self.out.json_line(result.as_json())
+            self.out.json_line(result.as_json(), stream=self.stdout)
         if self.progress is not None:
             self.progress.update(self.task, completed=self.done, eta=self._eta(), rate=self._rate())
         elif self.out.level >= NORMAL and time.perf_counter() - self.last_line >= PLAIN_PROGRESS_INTERVAL:
@@ -316,7 +418,13 @@ class BatchView:
 
     def _rate(self) -> str:
         per_image = self._per_image()
-        return f"{60 / per_image:.1f} images/min" if per_image else ""
+        if not per_image:
+            return ""
+        text = f"{60 / per_image:.1f} images/min"
+        if len(self.per_worker) > 1 and self.first_start is not None:  # --devices: each worker's share
+            minutes = (time.perf_counter() - self.first_start) / 60
+            text += " (" + ", ".join(f"{label} {n / minutes:.1f}" for label, n in sorted(self.per_worker.items())) + ")"
+        return text
 
     def _eta(self) -> str:
         per_image = self._per_image()
@@ -350,6 +458,10 @@ class BatchView:
                 self.out.info(f"  {failure.error}")
         if summary.interrupted:
             self.out.info("finished outputs are kept; run the same command again to do the rest")
+
+
+def _worker_label(device: str, worker: int | None) -> str:
+    return device if worker is None else f"{device}#{worker}"
 
 
 def _count(n: int, noun: str) -> str:

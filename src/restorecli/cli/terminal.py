@@ -64,7 +64,8 @@ class Output:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
-    def json_line(self, obj) -> None:
+    def json_line(self, obj, stream=None) -> None:
+        """One JSON object on stdout (or `stream`: the real stdout while a dependency's prints are sent to stderr)."""
         text = json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
         try:
             text.encode("utf-8")
@@ -72,8 +73,9 @@ class Output:
             # A file name that is not valid UTF-8 (Python keeps its bytes as lone surrogates): write it
             # as \udcXX escapes, valid JSON that json.loads + os.fsencode turn back into the name.
             text = json.dumps(obj, ensure_ascii=True, separators=(", ", ": "))
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
+        stream = stream or sys.stdout
+        stream.write(text + "\n")
+        stream.flush()
 
 
 class _Current:

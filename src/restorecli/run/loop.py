@@ -137,9 +137,71 @@ def run_batch(
 
 
 @dataclass
-class _Read:
+class Read:
+    """Step 1's result: the decoded image and the seconds it took."""
+
     image: object
     seconds: float
+
+
+# -- the three steps of one Job, each turning its failures into that file's FileResult --------------------
+# (`run.workers` and `run.ray_batch` run the same functions, so every mode fails a file the same way)
+
+
+def read_job(job: Job) -> Read | FileResult:
+    """Step 1 (`steps.read_input`): the decoded image, or the file's failure."""
+    t0 = time.perf_counter()
+    try:
+        image = read_input(job.input)
+    except InputError as e:
+        return FileResult(job.input, job.output, "failed", error=_with_plugin_hint(job.input, e))
+    except Exception as e:  # noqa: BLE001 - a decoder bug in one file must not end the run
+        log.debug("%s: reading failed", job.input, exc_info=True)
+        return FileResult(job.input, job.output, "failed", error=f"{job.input}: cannot read ({brief(e)})")
+    return Read(image, time.perf_counter() - t0)
+
+
+def restore_job(pipe, job: Job, read: Read, settings: RestoreSettings, *, on_step=None) -> Restored | FileResult:
+    """Step 2 (`steps.run_model`): the restored image, or the file's failure (out of memory even tiled,
+    a model error). Usage and setup errors (RestoreError but Input/OutputError) are the run's: raised."""
+    try:
+        return run_model(pipe, read.image, settings, on_step=on_step, source=job.input,
+                         guidance_map=job.guidance_map, caption=job.caption, caption_source=job.caption_source)
+    except (InputError, OutputError) as e:
+        return FileResult(job.input, job.output, "failed", error=str(e))
+    except RestoreError:
+        raise  # usage and setup errors are the run's, not this file's
+    except Exception as e:  # noqa: BLE001 - one image's failure must not end a 10,000-file run
+        if is_out_of_memory(e):
+            release_memory()
+            return FileResult(job.input, job.output, "failed", error=f"{job.input}: {_oom_reason(read.image)}")
+        log.debug("%s: the model failed", job.input, exc_info=True)
+        return FileResult(job.input, job.output, "failed", error=f"{job.input}: restoration failed ({brief(e)})")
+
+
+def write_job(job: Job, restored: Restored, spent: float, *, fmt: str | None, quality: int, overwrite: bool,
+              stdout: BinaryIO | None = None, write=write_output) -> FileResult:
+    """Step 3 (`steps.write_output`, or `write(dest, restored, fmt=, quality=, overwrite=)`): the file's
+    FileResult, ok with its size and timing, or failed."""
+    t0 = time.perf_counter()
+    try:
+        if job.output == STDIO:
+            dest = stdout or sys.stdout.buffer
+        else:
+            dest = job.output
+            if job.make_folders and write is write_output:
+                _make_folder(Path(job.output).parent)
+        write(dest, restored, fmt=fmt, quality=quality, overwrite=overwrite)
+    except OutputError as e:
+        return FileResult(job.input, job.output, "failed", error=str(e))
+    except Exception as e:  # noqa: BLE001
+        log.debug("%s: writing failed", job.output, exc_info=True)
+        return FileResult(job.input, job.output, "failed", error=f"{job.output}: cannot write ({brief(e)})")
+    return FileResult(job.input, job.output, "ok", seconds=spent + time.perf_counter() - t0,
+                      width=restored.width, height=restored.height, seed=restored.seed, caption=restored.caption,
+                      prompt=restored.prompt, caption_source=restored.caption_source,
+                      captioner_revision=restored.captioner_revision, faces=restored.faces,
+                      face_crops=[path for path, _ in restored.face_crops] if restored.face_crops is not None else None)
 
 
 class _BatchRun:
@@ -206,58 +268,24 @@ class _BatchRun:
         self.events.started(index, job)
         t0 = time.perf_counter()
         try:
-            restored = run_model(self.pipe, read.image, self.settings, on_step=self.events.step, source=job.input,
-                                 guidance_map=job.guidance_map, caption=job.caption, caption_source=job.caption_source)
-        except (InputError, OutputError) as e:
-            return FileResult(job.input, job.output, "failed", error=str(e))
-        except RestoreError:
-            raise  # usage and setup errors are the run's, not this file's
-        except Exception as e:  # noqa: BLE001 - one image's failure must not end a 10,000-file run
-            if is_out_of_memory(e):
-                release_memory()
-                return FileResult(job.input, job.output, "failed", error=f"{job.input}: {_oom_reason(read.image)}")
-            log.debug("%s: the model failed", job.input, exc_info=True)
-            return FileResult(job.input, job.output, "failed", error=f"{job.input}: restoration failed ({brief(e)})")
+            restored = restore_job(self.pipe, job, read, self.settings, on_step=self.events.step)
         finally:
             model_seconds = time.perf_counter() - t0
             self.summary.model_seconds += model_seconds
             self.events.computed(index, job)
+        if isinstance(restored, FileResult):
+            return restored
         spent = read.seconds + model_seconds
         if self.pool is None:
             return self._write(job, restored, spent)
         return self.pool.submit(self._write, job, restored, spent)
 
-    def _read(self, job: Job) -> _Read | FileResult:
-        t0 = time.perf_counter()
-        try:
-            image = read_input(job.input)
-        except InputError as e:
-            return FileResult(job.input, job.output, "failed", error=_with_plugin_hint(job.input, e))
-        except Exception as e:  # noqa: BLE001 - a decoder bug in one file must not end the run
-            log.debug("%s: reading failed", job.input, exc_info=True)
-            return FileResult(job.input, job.output, "failed", error=f"{job.input}: cannot read ({brief(e)})")
-        return _Read(image, time.perf_counter() - t0)
+    def _read(self, job: Job) -> Read | FileResult:
+        return read_job(job)
 
     def _write(self, job: Job, restored: Restored, spent: float) -> FileResult:
-        t0 = time.perf_counter()
-        try:
-            if job.output == STDIO:
-                dest = self.stdout or sys.stdout.buffer
-            else:
-                dest = job.output
-                if job.make_folders:
-                    _make_folder(Path(job.output).parent)
-            write_output(dest, restored, fmt=self.fmt, quality=self.quality, overwrite=self.overwrite)
-        except OutputError as e:
-            return FileResult(job.input, job.output, "failed", error=str(e))
-        except Exception as e:  # noqa: BLE001
-            log.debug("%s: writing failed", job.output, exc_info=True)
-            return FileResult(job.input, job.output, "failed", error=f"{job.output}: cannot write ({brief(e)})")
-        return FileResult(job.input, job.output, "ok", seconds=spent + time.perf_counter() - t0,
-                          width=restored.width, height=restored.height, seed=restored.seed, caption=restored.caption,
-                          prompt=restored.prompt, caption_source=restored.caption_source,
-                          captioner_revision=restored.captioner_revision, faces=restored.faces,
-                          face_crops=[path for path, _ in restored.face_crops] if restored.face_crops is not None else None)
+        return write_job(job, restored, spent, fmt=self.fmt, quality=self.quality, overwrite=self.overwrite,
+                         stdout=self.stdout)
 
     # -- reporting in order ----------------------------------------------------------------------
 

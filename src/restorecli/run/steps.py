@@ -32,20 +32,24 @@ class FileResult:
     prompt: str | None = None  # the positive prompt it was conditioned on
     caption_source: str | None = None  # the captioner's name, or the captions file the caption came from
     captioner_revision: str | None = None
+    device: str | None = None  # where it was restored, in a run over several devices or a cluster
+    worker: int | None = None  # which of that run's workers (devices listed twice, Ray actors)
     faces: int | None = None  # `task` unaligned_face: faces detected (None for the other tasks)
     face_crops: list[str] | None = None  # with `save_faces`: the crop files written
 
     def as_json(self) -> dict:
-        line = {
+        record = {
             "input": self.input, "output": self.output, "status": self.status, "error": self.error,
             "seconds": round(self.seconds, 3), "width": self.width, "height": self.height, "seed": self.seed,
             "caption": self.caption, "prompt": self.prompt,
         }
         if self.faces is not None:
-            line["faces"] = self.faces
+            record["faces"] = self.faces
         if self.face_crops is not None:
-            line["face_crops"] = self.face_crops
-        return line
+            record["face_crops"] = self.face_crops
+        if self.device is not None:
+            record.update(device=self.device, worker=self.worker)
+        return record
 
 
 @dataclass
