@@ -7,9 +7,10 @@ the noise, the guidance arithmetic and the colour fix stay float32 (`restorecli.
 
 * CUDA: fp16, as the official inference does (DiffBIR ``inference.py --precision fp16``).
 * CPU: bf16 where the processor has bf16 instructions (x86 AVX512-BF16 or AMX-BF16, read from the
-  CPU's flags), which oneDNN uses for bf16 convolutions and matmuls: about 1.6x faster than fp32 on
-  the 2-core EPYC of the speed notes, 42 dB from the fp32 output. Without them bf16 runs through slow
-  fallback kernels (many times slower than fp32), so `auto` keeps fp32 there.
+  CPU's flags), which oneDNN uses for bf16 convolutions and matmuls: sampling about 1.6x faster than
+  fp32 on the 2-core EPYC of the speed notes and 3.3x on a 2-core Xeon with AMX (benchmarks/cpu.py),
+  42-49 dB from the fp32 output. Without them bf16 runs through slow fallback kernels (many times
+  slower than fp32), so `auto` keeps fp32 there.
 * MPS: fp32. Apple GPUs run fp16, but diffusers' own MPS guide runs Stable Diffusion in float32, this
   path has never run on an MPS device here, and fp32 is what `restorecli` has always done on MPS;
   `--precision fp16` opts in.
