@@ -56,6 +56,26 @@ def make_images(folder: Path, n: int) -> list[Path]:
     return [png(folder / f"img{i:02d}.png", seed=i) for i in range(n)]
 
 
+#: Files a batch must report one line each for and go on: empty, text named .jpg, a PNG signature alone.
+BROKEN_FILES = {"empty.png": b"", "text.jpg": b"this is not a picture\n", "signature_only.png": b"\x89PNG\r\n\x1a\n"}
+
+
+def write_broken_files(folder: Path) -> list[str]:
+    """BROKEN_FILES written into `folder`; their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in BROKEN_FILES.items():
+        (folder / name).write_bytes(data)
+    return list(BROKEN_FILES)
+
+
+def reference_inputs_and_broken_files(folder: Path, reference_dir: Path) -> None:
+    """`folder` with the reference inputs (odd sizes and modes) and BROKEN_FILES: a batch's worst day."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted((reference_dir / "inputs").glob("*.png")):
+        shutil.copy(path, folder / path.name)
+    write_broken_files(folder)
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -19,15 +18,25 @@ import pytest
 from restorecli.errors import UsageError
 from restorecli.images import is_temp_file
 from restorecli.run.workers import parse_devices
-from test_batch import FAKE_RESTORE, all_files, fake, fake_env, json_lines, make_images, run, temp_files, wait_for  # noqa: F401 (fake: a fixture)
-
-BROKEN = {"empty.png": b"", "text.jpg": b"this is not a picture\n", "signature_only.png": b"\x89PNG\r\n\x1a\n"}
+from test_batch import (  # noqa: F401 (fake: a fixture)
+    BROKEN_FILES as BROKEN,
+    FAKE_RESTORE,
+    all_files,
+    fake,
+    fake_env,
+    json_lines,
+    make_images,
+    run,
+    temp_files,
+    wait_for,
+    reference_inputs_and_broken_files,
+    write_broken_files,
+)
 
 
 def folder_with_bad_files(src: Path, good: int) -> list[Path]:
     images = make_images(src, good)
-    for name, data in BROKEN.items():
-        (src / name).write_bytes(data)
+    write_broken_files(src)
     return images
 
 
@@ -63,11 +72,7 @@ def test_two_cpu_workers_write_what_one_process_writes(tmp_path, capsys, referen
     thread each, as the workers have on this 2-core runner), every bad file reported once, a JSON line
     per file with its device."""
     src = tmp_path / "in"
-    src.mkdir()
-    for path in sorted((reference_dir / "inputs").glob("*.png")):
-        shutil.copy(path, src / path.name)
-    for name, data in BROKEN.items():
-        (src / name).write_bytes(data)
+    reference_inputs_and_broken_files(src, reference_dir)
     flags = ["--model", reference_dir / "model_v.json", "--stage1-only", "--upscale", "2", "--device", "cpu"]
     code, _, err = run(["batch", src, "-o", tmp_path / "one", *flags], capsys)
     assert code == 1, err

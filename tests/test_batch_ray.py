@@ -9,7 +9,6 @@ reaches the Ray workers) has an actor killed mid-run. Skipped only where Ray is 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -17,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from test_batch import BROKEN_FILES as BROKEN
+from test_batch import reference_inputs_and_broken_files
 from test_batch import all_files, fake, json_lines, make_images, run, temp_files  # noqa: F401 (fake: a fixture)
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (the test extra installs it: pip install -e '.[test]')")
 pytestmark = pytest.mark.ray
 
 TESTS = Path(__file__).resolve().parent
-BROKEN = {"empty.png": b"", "text.jpg": b"this is not a picture\n"}
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,7 @@ def local_ray(tmp_path_factory):
 def test_ray_writes_what_the_local_batch_writes_and_a_rerun_skips_it(tmp_path, capsys, reference_dir, one_thread,
                                                                      local_ray):
     src = tmp_path / "in"
-    src.mkdir()
-    for path in sorted((reference_dir / "inputs").glob("*.png")):
-        shutil.copy(path, src / path.name)
-    for name, data in BROKEN.items():
-        (src / name).write_bytes(data)
+    reference_inputs_and_broken_files(src, reference_dir)
     flags = ["--model", reference_dir / "model_v.json", "--stage1-only", "--upscale", "2"]
     code, _, err = run(["batch", src, "-o", tmp_path / "local", *flags, "--device", "cpu"], capsys)
     assert code == 1, err
@@ -62,14 +58,14 @@ def test_ray_writes_what_the_local_batch_writes_and_a_rerun_skips_it(tmp_path, c
     records = json_lines(out)
     assert sorted(Path(r["input"]).name for r in records[:-1]) == sorted(p.name for p in src.iterdir())
     assert all(r["device"].endswith("/cpu") for r in records[:-1])
-    assert (records[-1]["ok"], records[-1]["failed"], records[-1]["not_done"]) == (4, 2, 0)
+    assert (records[-1]["ok"], records[-1]["failed"], records[-1]["not_done"]) == (4, len(BROKEN), 0)
 
     stamps = {p: p.stat().st_mtime_ns for p in remote.iterdir()}
     code, out, err = run(["batch", src, "-o", remote, *flags, "--ray", "--json"], capsys)
     assert code == 1, err  # the broken files fail again; nothing else is scheduled
-    assert "2 to restore, 4 already done" in err
+    assert f"{len(BROKEN)} to restore, 4 already done" in err
     assert {p: p.stat().st_mtime_ns for p in remote.iterdir()} == stamps
-    assert sorted(r["status"] for r in json_lines(out)[:-1]) == ["failed"] * 2 + ["skipped"] * 4
+    assert sorted(r["status"] for r in json_lines(out)[:-1]) == ["failed"] * len(BROKEN) + ["skipped"] * 4
 
 
 def test_file_urls_go_through_pyarrow_and_resume(tmp_path, capsys, fake, local_ray):
