@@ -96,14 +96,18 @@ def test_a_small_budget_tiles_the_vae_and_then_sampling():
     assert "tiles of" in p.describe()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("side", [512, 2048, 4096])
-def test_the_plan_keeps_a_1gb_cap_at_any_size(tiny, side):
+def test_the_plan_keeps_a_1gb_cap_at_any_size(tiny, side, dtype):
     """--max-memory 1GB with the tiny reference model, x4 from (side/4)^2: every stage, stage 1 and the
     image buffers included, is planned within the budget (SAFETY of the cap). At 2048^2 one of its
-    feature maps is 512 MiB; at 4096^2 2 GiB: the VAE keeps what does not fit on disk."""
+    feature maps is 512 MiB; at 4096^2 2 GiB: the VAE keeps what does not fit on disk. In half precision
+    (the CPU default where bf16 is native: cond and uncond batched) too."""
     budget = int(planning.SAFETY * GiB)
     first = planning.stage1_floor("swinir", "swinir", (side // 4, side // 4), 4)
-    p = plan_stage2(side, side, vae_config=tiny.vae, unet_config=tiny.unet, budget=budget, stage1=first)
+    cfg_batch = 1 if dtype == torch.float32 else 2
+    p = plan_stage2(side, side, vae_config=tiny.vae, unet_config=tiny.unet, budget=budget, stage1=first,
+                    dtype=dtype, cfg_batch=cfg_batch)
     assert p.fits and not p.over_budget(), p.describe()
     assert set(p.estimates) >= set(planning.STAGES)
     for name in planning.STAGES:
@@ -116,6 +120,21 @@ def test_the_plan_keeps_a_1gb_cap_at_any_size(tiny, side):
             stored = planning.vae_estimate(tiny.vae, side, side, vae.tile, part="encode" if vae is p.encode else "decode",
                                            max_stored=vae.max_stored).stored
             assert stored <= vae.max_stored
+
+
+@pytest.mark.parametrize("side, gib", [(2048, 3.2), (4096, 3.2), (4096, 4.7)])
+def test_half_precision_fits_wherever_float32_does(side, gib):
+    """Half-precision activations are half the bytes, so a budget that holds the fp32 plan holds the
+    bf16 one. The float32 copy a half decoder's image comes back as must be inside the decoder's own
+    plan: added after it (as before), SD 2.1 at 2048^2 within 3.2 GiB picked decoder tiles for the whole
+    3.2 GiB and then needed 3.3 (refused where fp32 fitted)."""
+    budget = int(gib * GiB)
+    full = plan(side, side, budget)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = plan(side, side, budget, dtype=dtype, cfg_batch=2)
+        assert half.fits or not full.fits, half.describe()
+        assert half.fits and not half.over_budget(), half.describe()
+        assert half.estimates["decode"] <= budget
 
 
 def test_an_impossible_budget_names_the_smallest_that_works(tiny):

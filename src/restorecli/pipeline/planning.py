@@ -346,15 +346,17 @@ def plan_stage2(
 
     # the VAE: the encoder's input and the decoder's output are part of its estimate
     floor_in = ENCODE_INPUT_BYTES_PER_PIXEL * ph * pw  # pad(cond) * 2 - 1, before the encoder runs
+    # a half-precision decoder's image comes back as float32 beside the half one: room the decoder's
+    # own plan must leave (chosen without it, a tight budget got a plan that then did not fit)
+    outside = {"encode": 0, "decode": (DECODED_BYTES_PER_PIXEL + DECODED_BYTES_PER_PIXEL // 2) * ph * pw
+               if _is_half(vae_dtype) else 0}
     for name, tiles in (("encode", ENCODE_TILES), ("decode", DECODE_TILES)):
-        choice = vae_choice(vae_config, ph, pw, tiles, part=name, room=room, dtype=vae_dtype, device=device,
-                            spill=spill, host_room=host_room)
+        choice = vae_choice(vae_config, ph, pw, tiles, part=name, room=room - outside[name], dtype=vae_dtype,
+                            device=device, spill=spill, host_room=host_room)
         setattr(plan, name, choice)
-        plan.estimates[name] = cond + choice.estimate
-        plan.untiled[name] = cond + choice.untiled
+        plan.estimates[name] = cond + outside[name] + choice.estimate
+        plan.untiled[name] = cond + outside[name] + choice.untiled
     plan.estimates["encode"] = max(plan.estimates["encode"], cond + floor_in)
-    if _is_half(vae_dtype):  # the decoded image comes back as float32 beside the half one
-        plan.estimates["decode"] += (DECODED_BYTES_PER_PIXEL + DECODED_BYTES_PER_PIXEL // 2) * ph * pw
 
     if guidance_space == "latent":
         plan.estimates["guidance"] = plan.estimates["encode"]
