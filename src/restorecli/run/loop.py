@@ -19,11 +19,12 @@ Reports go through `BatchEvents` callbacks and the returned `BatchSummary`; noth
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,22 @@ class BatchInterrupted(KeyboardInterrupt):
     def __init__(self, summary: BatchSummary):
         super().__init__("interrupted")
         self.summary = summary
+
+
+@contextlib.contextmanager
+def timed_run(summary: BatchSummary, wind_down: Callable[[], None]) -> Iterator[BatchSummary]:
+    """The frame every engine (this loop, `run.workers`, `run.ray_batch`) runs its batch in: the block's
+    time goes to `summary.seconds`; on Ctrl-C `wind_down()` settles what can still be settled, then the
+    summary is marked interrupted and raised as `BatchInterrupted`."""
+    start = time.perf_counter()
+    try:
+        yield summary
+    except KeyboardInterrupt:
+        wind_down()
+        summary.interrupted = True
+        raise BatchInterrupted(summary) from None
+    finally:
+        summary.seconds = time.perf_counter() - start
 
 
 def run_batch(
@@ -221,26 +238,20 @@ class _BatchRun:
         self.pipe = None
 
     def run(self) -> BatchSummary:
-        start = time.perf_counter()
         try:
-            for position, (index, entry) in self._ordered():
-                if isinstance(entry, FileResult):
-                    self.pending.append((index, entry))
-                else:
-                    self._prefetch(position)
-                    self.pending.append((index, self._restore(index, entry)))
-                self._flush()
-                self._bound_pending_writes()
-            self._flush(wait=True)
-        except KeyboardInterrupt:
-            self._wind_down()
-            self.summary.interrupted = True
-            self.summary.seconds = time.perf_counter() - start
-            raise BatchInterrupted(self.summary) from None
+            with timed_run(self.summary, self._wind_down):
+                for position, (index, entry) in self._ordered():
+                    if isinstance(entry, FileResult):
+                        self.pending.append((index, entry))
+                    else:
+                        self._prefetch(position)
+                        self.pending.append((index, self._restore(index, entry)))
+                    self._flush()
+                    self._bound_pending_writes()
+                self._flush(wait=True)
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
-        self.summary.seconds = time.perf_counter() - start
         return self.summary
 
     def _ordered(self):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ..errors import RestoreError, SetupError, UsageError
 from ..settings import RestoreSettings
 from .loader import PipelineLoader
-from .loop import BatchEvents, BatchInterrupted, BatchSummary, Read, read_job, restore_job, write_job
+from .loop import BatchEvents, BatchSummary, Read, read_job, restore_job, timed_run, write_job
 from .plan import Entry, Job
 from .steps import FileResult
 
@@ -93,34 +93,32 @@ def run_on_ray(
             events.result(index, entry)
     if not jobs:
         return summary
-    start = time.perf_counter()
     events.loading()
     reported: set[int] = set()
     rows = iter(())
-    try:
-        connect(address)
-        dataset = _pipeline(jobs, loader, settings, workers, dict(overwrite=overwrite, fmt=fmt, quality=quality))
-        rows = iter(dataset.iter_rows())
-        for row in rows:
-            index, result = int(row["index"]), pickle.loads(row["result"])
-            if isinstance(result, _Fatal):
-                raise result.error()
-            summary.model_seconds += float(row["model_seconds"])
-            events.computed(index, entries[index])
-            summary.results.append(result)
-            events.result(index, result)
-            reported.add(index)
-    except KeyboardInterrupt:
+
+    def wind_down() -> None:
         _stop(rows, jobs)
         _report_written(jobs, reported, summary, events)
-        summary.interrupted = True
-        summary.seconds = time.perf_counter() - start
-        raise BatchInterrupted(summary) from None
+
+    try:
+        with timed_run(summary, wind_down):
+            connect(address)
+            dataset = _pipeline(jobs, loader, settings, workers, dict(overwrite=overwrite, fmt=fmt, quality=quality))
+            rows = iter(dataset.iter_rows())
+            for row in rows:
+                index, result = int(row["index"]), pickle.loads(row["result"])
+                if isinstance(result, _Fatal):
+                    raise result.error()
+                summary.model_seconds += float(row["model_seconds"])
+                events.computed(index, entries[index])
+                summary.results.append(result)
+                events.result(index, result)
+                reported.add(index)
     except RestoreError:
         raise
     except Exception as e:  # noqa: BLE001 - Ray wraps what failed on a node; say what it was
         raise SetupError(f"the Ray pipeline failed: {_cause(e)}") from e
-    summary.seconds = time.perf_counter() - start
     return summary
 
 

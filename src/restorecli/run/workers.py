@@ -33,7 +33,7 @@ from multiprocessing.connection import wait
 from ..errors import RestoreError, SetupError, UsageError
 from ..settings import LoadSettings, RestoreSettings, SettingError
 from .loader import PipelineLoader
-from .loop import BatchEvents, BatchInterrupted, BatchSummary, run_batch
+from .loop import BatchEvents, BatchInterrupted, BatchSummary, run_batch, timed_run
 from .plan import Entry, Job
 from .steps import FileResult
 
@@ -127,25 +127,19 @@ class _DeviceRun:
         self.threads = max(1, cpus // len(devices))  # the CPU shared out, so that N workers do not fight
 
     def run(self) -> BatchSummary:
-        start = time.perf_counter()
-        for index, entry in enumerate(self.entries):
-            if isinstance(entry, Job):
-                self.queue.append(index)
-            else:
-                self._report(index, entry)
         try:
-            if self.queue:
-                starting = self.devices[: len(self.queue)]  # 2 files: no third worker to start for nothing
-                self.workers = [self._start(number, device) for number, device in enumerate(starting)]
-                self._loop()
-        except KeyboardInterrupt:
-            self._wind_down()
-            self.summary.interrupted = True
-            self.summary.seconds = time.perf_counter() - start
-            raise BatchInterrupted(self.summary) from None
+            with timed_run(self.summary, self._wind_down):
+                for index, entry in enumerate(self.entries):
+                    if isinstance(entry, Job):
+                        self.queue.append(index)
+                    else:
+                        self._report(index, entry)
+                if self.queue:
+                    starting = self.devices[: len(self.queue)]  # 2 files: no third worker to start for nothing
+                    self.workers = [self._start(number, device) for number, device in enumerate(starting)]
+                    self._loop()
         finally:
             self._close()
-        self.summary.seconds = time.perf_counter() - start
         return self.summary
 
     def _start(self, number: int, device: str, restarts: int = 0) -> _Worker:
