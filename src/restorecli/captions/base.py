@@ -155,6 +155,17 @@ class ModelCaptioner:
     def _caption(self, image: Image.Image) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _generate(self, inputs: dict, **options) -> torch.Tensor:
+        """The answer's token ids for one image's model inputs: every tensor moved where the model
+        computes (floating-point ones in its dtype), `generate` without sampling and with at most
+        `max_new_tokens` (plus `options`: beams, pad id, ...), and of a decoder-only model's output only
+        what follows the prompt (an encoder-decoder returns just the answer)."""
+        feed = {k: self._on_device(v, floating=v.is_floating_point()) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        out = self.model.generate(**feed, do_sample=False, max_new_tokens=self.max_new_tokens, **options)
+        if self.model.config.is_encoder_decoder:
+            return out[0]
+        return out[0, feed["input_ids"].shape[1]:]
+
     def _on_device(self, tensor: torch.Tensor, *, floating: bool = False) -> torch.Tensor:
         """An input tensor where the model computes (pixel values also in the model's dtype)."""
         device = self.model_device()

@@ -61,13 +61,4 @@ class FlorenceCaptioner(ModelCaptioner):
         return dict(self.processor(text=self.task, images=image, return_tensors="pt"))
 
     def _caption(self, image: Image.Image) -> str:
-        inputs = self.inputs(image)
-        out = self.model.generate(
-            input_ids=self._on_device(inputs["input_ids"]),
-            attention_mask=self._on_device(inputs["attention_mask"]) if "attention_mask" in inputs else None,
-            pixel_values=self._on_device(inputs["pixel_values"], floating=True),
-            do_sample=False,
-            num_beams=self.num_beams,
-            max_new_tokens=self.max_new_tokens,
-        )
-        return self.processor.batch_decode(out, skip_special_tokens=True)[0]
+        return self.processor.decode(self._generate(self.inputs(image), num_beams=self.num_beams), skip_special_tokens=True)

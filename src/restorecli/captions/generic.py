@@ -66,8 +66,4 @@ class ChatCaptioner(ModelCaptioner):
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"))
 
     def _caption(self, image: Image.Image) -> str:
-        inputs = self.inputs(image)
-        feed = {k: self._on_device(v, floating=v.is_floating_point()) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-        out = self.model.generate(**feed, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens)
-        new = out[0] if self.model.config.is_encoder_decoder else out[0, inputs["input_ids"].shape[1]:]
-        return self.processor.decode(new, skip_special_tokens=True)
+        return self.processor.decode(self._generate(self.inputs(image), num_beams=1), skip_special_tokens=True)

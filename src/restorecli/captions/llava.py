@@ -140,14 +140,7 @@ class LlavaCaptioner(ModelCaptioner):
     def _caption(self, image: Image.Image) -> str:
         pixel_values = self.pixel_values(image)
         ids = torch.tensor([self.input_ids(pixel_values)])
-        out = self.model.generate(
-            input_ids=self._on_device(ids),
-            attention_mask=self._on_device(torch.ones_like(ids)),
-            pixel_values=self._on_device(pixel_values, floating=True),
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=self.max_new_tokens,
-            use_cache=True,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
-        )
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        answer = self._generate(dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values),
+                                num_beams=1, use_cache=True, pad_token_id=pad)
+        return self.tokenizer.decode(answer, skip_special_tokens=True)
