@@ -138,20 +138,7 @@ def tokenizer_dir(
         PurePosixPath(e.file).name: resolve(e.name, weights_dir=weights_dir, download=download, progress=progress)
         for e in registry().expand([group])
     }
-    parents = {p.parent for p in paths.values()}
-    if len(parents) == 1 and all(p.name == name for name, p in paths.items()):
-        return parents.pop()
-    digest = hashlib.sha256("\n".join(str(p) for p in paths.values()).encode()).hexdigest()[:16]
-    folder = cache_dir("tokenizer") / digest
-    folder.mkdir(exist_ok=True)
-    for name, src in paths.items():
-        dst = folder / name
-        if not dst.exists():
-            try:
-                dst.symlink_to(src.resolve())
-            except OSError:
-                shutil.copyfile(src, dst)
-    return folder
+    return _as_one_folder(paths, cache_dir("tokenizer"), prefix="")
 
 
 def captioner_names() -> list[str]:
@@ -178,13 +165,20 @@ def captioner_dir(
         raise UsageError(f"unknown captioner {name!r}; pinned: {', '.join(captioner_names())}")
     paths = {e.file: resolve(e.name, weights_dir=weights_dir, download=download, progress=progress)
              for e in registry().expand([name])}
-    roots = {p.parents[len(PurePosixPath(f).parts) - 1] for f, p in paths.items()}
-    if len(roots) == 1:
+    return _as_one_folder(paths, cache_dir("captioner"), prefix=f"{name}-")
+
+
+def _as_one_folder(paths: dict[str, Path], cache: Path, *, prefix: str) -> Path:
+    """A folder in which each relative path of `paths` names its file: the files' own folder when they
+    already lie that way (one Hub snapshot), else `cache/<prefix><digest>` with each file linked (or,
+    where links are refused, copied) in; the digest of the sources keeps different sets apart."""
+    roots = {path.parents[len(PurePosixPath(rel).parts) - 1] for rel, path in paths.items()}
+    if len(roots) == 1 and all(path == next(iter(roots)) / rel for rel, path in paths.items()):
         return roots.pop()
     digest = hashlib.sha256("\n".join(str(p) for p in paths.values()).encode()).hexdigest()[:16]
-    folder = cache_dir("captioner") / f"{name}-{digest}"
-    for file, src in paths.items():
-        dst = folder / file
+    folder = cache / f"{prefix}{digest}"
+    for rel, src in paths.items():
+        dst = folder / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists():
             try:
