@@ -97,7 +97,8 @@ def restore_child(args) -> dict:
     from restorecli.settings import default_settings
 
     torch.set_num_threads(args.threads)
-    pipe = DiffBIRPipeline.from_description(MODEL, device="cpu", captioner="none", torch_dtype=torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    pipe = DiffBIRPipeline.from_description(MODEL, device="cpu", captioner="none", torch_dtype=dtype)
     if args.spill_dir:
         pipe.spill_dir = args.spill_dir
     if args.no_sampling:
@@ -148,18 +149,19 @@ def restore_child(args) -> dict:
     watch.mark(f"after {watch.last}")
     assert restored.pixels.shape == (size, size, 3)
     plan = plans[-1]
-    from restorecli.pipeline.memory import stage1_peak_bytes
+    from restorecli.stage1.memory import stage1_peak_bytes
     from restorecli.stage1.run import SWINIR_MULTIPLE
 
     tile, cond_size = firsts[-1]  # the stage-1 estimate for the tiles stage 1 chose (SwinIR: the padded condition)
     ph, pw = (-(-n // SWINIR_MULTIPLE) * SWINIR_MULTIPLE for n in cond_size)
-    estimates = {"stage 1": stage1_peak_bytes(pipe.cleaner.kind, ph, pw, tile=tile[0] if tile else None),
+    estimates = {"stage 1": stage1_peak_bytes(pipe.cleaner.kind, ph, pw, dtype=pipe.cleaner.dtype, tile=tile[0] if tile else None),
                  **plan.estimates}
     if args.no_stage1:
         del estimates["stage 1"]
     return {"size": size, "base": base, "peak": watch.peak, "seconds": seconds, "stages": watch.stages, "gaps": watch.gaps,
             "plan": plan.describe(), "estimates": estimates, "budget": plan.budget,
-            "spill": plan.spill, "no_sampling": args.no_sampling, "no_stage1": args.no_stage1}
+            "spill": plan.spill, "no_sampling": args.no_sampling, "no_stage1": args.no_stage1,
+            "precision": args.precision, "cfg_batch": plan.cfg_batch, "stage1_tile": tile[0] if tile else None}
 
 
 def spill_child(args) -> dict:
@@ -223,6 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--spill-parts", default="decode,encode")
     ap.add_argument("--spill-dir", default=None)
     ap.add_argument("--cfg", type=float, default=1.0)
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="the networks' dtype in the restore part (bf16: the CPU default where it is native; with "
+                         "--cfg above 1 cond and uncond are then batched)")
     ap.add_argument("--no-sampling", action="store_true", help="decode x_T instead of sampling (the tiny UNet is slow at 4096)")
     ap.add_argument("--no-stage1", action="store_true", help="the condition is the input upscaled (bicubic), no cleaner")
     ap.add_argument("--threads", type=int, default=2)
@@ -243,10 +248,10 @@ def main(argv=None) -> int:
         return 0
 
     cap = parse_size(args.max_memory)
-    print(f"# --max-memory {args.max_memory} ({cap / 2**30:.2f} GiB); tiny reference model; CPU, {args.threads} threads; "
+    print(f"# --max-memory {args.max_memory} ({cap / 2**30:.2f} GiB); tiny reference model, {args.precision}; CPU, {args.threads} threads; "
           f"load {load_average()}", flush=True)
     common = [sys.executable, __file__, "--max-memory", args.max_memory, "--threads", str(args.threads),
-              "--cfg", str(args.cfg)] + (["--spill-dir", args.spill_dir] if args.spill_dir else [])
+              "--cfg", str(args.cfg), "--precision", args.precision] + (["--spill-dir", args.spill_dir] if args.spill_dir else [])
     results: dict = {"restore": [], "spill": []}
     parts = args.parts.split(",")
     if "restore" in parts:
@@ -297,7 +302,9 @@ def _restore_table(rows, cap) -> str:
             cells.append("-" if st is None else f"{_mib(st['peak'])} ({_mib(est.get(name))})")
         last = r.get("gaps", {}).get("after colour fix")
         cells.append("-" if last is None else f"{_mib(last)} ({_mib(est.get('output'))})")
-        cells += [f"{r['seconds']:.0f}", r["plan"].split(": ", 1)[-1]]
+        first = "" if r.get("no_stage1") else (f"stage 1 tiles of {r['stage1_tile']} px; " if r.get("stage1_tile")
+                                                else "stage 1 untiled; ")
+        cells += [f"{r['seconds']:.0f}", first + r["plan"].split(": ", 1)[-1]]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

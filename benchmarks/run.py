@@ -221,7 +221,7 @@ def _same_plan(args, size: int) -> bool:
     """Whether the capped budget plans exactly what the auto budget plans (then one run shows both)."""
     import torch
 
-    from restorecli.pipeline.memory import available_memory
+    from restorecli.memory import available_memory
     from restorecli.models.configs import full_size_cldm_spec, stage2_configs
     from restorecli.pipeline.planning import SAFETY, plan_stage2
 

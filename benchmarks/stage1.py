@@ -20,7 +20,7 @@ Acceptance (issue 4): peak memory at 2048^2 tiled within 1.5x of 512^2.
 
 Usage: python benchmarks/stage1.py [--sizes 512,1024,2048] [--modes untiled,tiled] [--devices cpu[,cuda]]
        [--dtype fp32|bf16|fp16] [--skip-untiled-above N] [--threads N]
-       python benchmarks/stage1.py --measure   # bytes per pixel of swinir, bsrnet, scunet (restorecli/memory.py)
+       python benchmarks/stage1.py --measure   # bytes per pixel of swinir, bsrnet, scunet (restorecli/stage1/memory.py)
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def child(size: int, mode: str, device: str, dtype_name: str, threads: int) -> d
 
 
 def measure(threads: int) -> None:
-    """Bytes per input pixel of one forward pass (slope between two sizes), as in restorecli/memory.py."""
+    """Bytes per input pixel of one forward pass (slope between two sizes), as in restorecli/stage1/memory.py."""
     sizes = {"swinir": (512, 768), "bsrnet": (64, 128), "scunet": (128, 256)}
     for arch, (small, large) in sizes.items():
         peaks = []

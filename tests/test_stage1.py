@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import assert_close_rel, load_golden
-from restorecli.pipeline import memory
+from restorecli import memory
+from restorecli.stage1.memory import stage1_peak_bytes
 from restorecli.stage1 import run as s1
 from restorecli.errors import InputError, UsageError
 from restorecli.stage1.cleaners import load_cleaner
@@ -294,11 +295,11 @@ def test_available_memory():
 
 
 def test_peak_estimate_scales_with_pixels_and_precision():
-    one = memory.stage1_peak_bytes("swinir", 512, 512)
-    assert memory.stage1_peak_bytes("swinir", 1024, 1024) == 4 * one
-    assert memory.stage1_peak_bytes("swinir", 512, 512, dtype=torch.bfloat16) < one
-    assert memory.stage1_peak_bytes("swinir", 2048, 2048, tile=512) < memory.stage1_peak_bytes("swinir", 2048, 2048)
-    assert memory.stage1_peak_bytes("generic", 100, 100, scale=4) > memory.stage1_peak_bytes("generic", 100, 100)
+    one = stage1_peak_bytes("swinir", 512, 512)
+    assert stage1_peak_bytes("swinir", 1024, 1024) == 4 * one
+    assert stage1_peak_bytes("swinir", 512, 512, dtype=torch.bfloat16) < one
+    assert stage1_peak_bytes("swinir", 2048, 2048, tile=512) < stage1_peak_bytes("swinir", 2048, 2048)
+    assert stage1_peak_bytes("generic", 100, 100, scale=4) > stage1_peak_bytes("generic", 100, 100)
 
 
 def _seam_mask(h, w, tile, stride, width=2):
@@ -336,7 +337,7 @@ def test_automatic_tiling_of_swinir_when_memory_is_short(swinir, golden, pipe_re
 def test_automatic_tiling_of_an_upscaler_is_seam_free(tiny_x2):
     x = s1.image_to_tensor(_image(256, 320, seed=3)).mul(0.5).add(0.25)
     untiled = s1.apply_cleaner(x, tiny_x2, output_size=(512, 640))
-    budget = memory.stage1_peak_bytes("generic", 256, 320, scale=2, tile=128) / memory.SAFETY + 1
+    budget = stage1_peak_bytes("generic", 256, 320, scale=2, tile=128) / memory.SAFETY + 1
     tiled = s1.apply_cleaner(x, tiny_x2, output_size=(512, 640), max_memory=int(budget))
     assert tiled.auto_tiled and tiled.tile == (128, 64)
     # a 5-layer conv net sees 5 pixels around; the gaussian weights are ~1e-5 at 32 px from a tile edge
@@ -346,7 +347,7 @@ def test_automatic_tiling_of_an_upscaler_is_seam_free(tiny_x2):
 def test_automatic_tiling_of_bsrnet_matches_untiled(tiny_bsrnet):
     x = s1.image_to_tensor(_image(128, 192, seed=4))
     untiled = s1.apply_cleaner(x, tiny_bsrnet, output_size=(256, 384))
-    budget = memory.stage1_peak_bytes("bsrnet", 128, 192, scale=4, tile=128) / memory.SAFETY + 1
+    budget = stage1_peak_bytes("bsrnet", 128, 192, scale=4, tile=128) / memory.SAFETY + 1
     tiled = s1.apply_cleaner(x, tiny_bsrnet, output_size=(256, 384), max_memory=int(budget))
     assert tiled.auto_tiled and tiled.tile == (128, 64)
     torch.testing.assert_close(tiled.cond_img, untiled.cond_img, rtol=0, atol=1e-4)

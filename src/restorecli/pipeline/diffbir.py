@@ -57,7 +57,7 @@ from ..diffusion.tiled_sampling import sampling_windows
 from ..vae.tiled import SpillError, check_spill_space, default_spill_dir, posterior_mode, tiled_decode, tiled_encode
 from ..errors import InputError, UsageError, brief
 from ..oom import is_out_of_memory, release_memory
-from .memory import SAFETY, available_memory
+from ..memory import SAFETY, available_memory
 from ..models.cldm import ControlledUNet, encode_prompt, vae_decode, vae_encode
 from ..models.description import DiffusionSpec
 from ..stage1.cleaners import Cleaner

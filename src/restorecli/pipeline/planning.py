@@ -3,7 +3,7 @@
 The stages of one image run one after another and free their work in between, so each is planned on
 its own against the same budget, with the image-sized buffers alive through it counted in:
 
-    budget = SAFETY x available_memory(device, --max-memory)        (restorecli.pipeline.memory)
+    budget = SAFETY x available_memory(device, --max-memory)        (restorecli.memory)
 
 read after the models are loaded, so their weights are not part of it. Stage 1 tiles itself
 (`restorecli.stage1.run`); this module plans the VAE (exact tiles, then paused feature maps on disk),
@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .memory import SAFETY, available_memory, stage1_peak_bytes
+from ..memory import SAFETY, available_memory
+from ..stage1.memory import stage1_peak_bytes
 from ..vae import VAE_SCALE
 
 log = logging.getLogger("restorecli.pipeline.planning")

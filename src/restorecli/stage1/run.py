@@ -22,7 +22,7 @@ The output size is always ``(int(H*u), int(W*u))``; ``--stage1-only`` resizes th
 (bicubic, antialias). Nothing here clamps: the stage-1 output is the stage-2 condition and the
 colour-fix reference as is.
 
-Automatic tiling (not official): when `restorecli.pipeline.memory` estimates that the untiled model pass would
+Automatic tiling (not official): when `restorecli.stage1.memory` estimates that the untiled model pass would
 not fit, the same pass (same resize and padding) is split into gaussian-weighted tiles with half-tile
 overlap. Small images never take this path, so they keep the official results.
 """
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError, SetupError, UsageError
-from ..pipeline.memory import SAFETY, available_memory, stage1_peak_bytes
+from ..memory import SAFETY, available_memory
+from .memory import stage1_peak_bytes
 from .cleaners import Cleaner
 from ..windows import gaussian_weights, sliding_windows
 
