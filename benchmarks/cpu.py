@@ -31,6 +31,12 @@ The rows (each in its own process, `--runs` interleaved rounds; `--threads` thre
     auto-tunables   the default in a process started with GLIBC_TUNABLES (below): freed memory reused
     auto-compile    the default + `--compile` (torch.compile of the UNet and IRControlNet): one image to
                     compile, then the same image again warm
+    auto-glibc      the default without its trim of glibc's heap after each stage (a malloc option set by
+                    the user, here glibc's own default, makes restorecli leave glibc alone:
+                    `restorecli.memory.trim_freed_memory`)
+    auto-mmap-128k, auto-mmap-1m, auto-mmap-4m
+                    the default with glibc's mmap and trim thresholds fixed at that size (MALLOC_*_ at start):
+                    freed memory goes back at once, at the price of faulting in every block above it
 
 The input is a synthetic 128x128 photo-like image (gradients, discs, text-like stripes, mild noise),
 restored to 512x512 with v2.1's defaults: edm_dpm++_3m_sde, 10 steps, cfg 6, the official prompts.
@@ -64,7 +70,7 @@ from common import REPO, TOKENIZER, child_env, hwm_bytes, load_average, run_chil
 sys.path.insert(0, str(REPO / "src"))
 
 VARIANTS = ("official-fp32", "official-bf16", "fp32", "bf16-unbatched", "bf16-nchw-vae", "auto", "auto-tunables",
-            "auto-compile")
+            "auto-compile", "auto-glibc", "auto-mmap-128k", "auto-mmap-1m", "auto-mmap-4m")
 DEFAULT_VARIANTS = ("official-fp32", "fp32", "bf16-unbatched", "bf16-nchw-vae", "auto", "auto-tunables")
 #: glibc tunables (read at process start) under which freed memory is reused without page faults:
 #: no mmap for large blocks, no trimming below 2 GiB, no per-thread cache (whose small chunks would pin
@@ -403,6 +409,12 @@ def main() -> None:
             env = child_env(keep_malloc=True)
             if variant == "auto-tunables":
                 env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+            if variant == "auto-glibc":  # a malloc option of the user's (glibc's own default value): glibc untouched
+                env["GLIBC_TUNABLES"] = "glibc.malloc.tcache_count=7"
+            if variant.startswith("auto-mmap-"):  # a fixed mmap threshold: freed blocks above it go back at once
+                size = variant.removeprefix("auto-mmap-")
+                threshold = str(int(size[:-1]) << (10 if size.endswith("k") else 20))
+                env.update(MALLOC_MMAP_THRESHOLD_=threshold, MALLOC_TRIM_THRESHOLD_=threshold)
             row = run_child(_cmd(args, "--child", kind, "--variant", variant), env=env, timeout=args.timeout)
             rows[variant].append(row)
             print(row.get("error") or f"{row['restore_s']:.1f} s", flush=True)

@@ -8,10 +8,12 @@ cost of the exact tiled VAE's disk spill.
 
 `restore` part: the model step of the CLI (`restorecli.run.files.run_model`: the pipeline, then the
 conversion to 8-bit pixels) on a random (S/4) x (S/4) input, x4 (the v2.1 defaults but 1 step and cfg 1:
-the peaks do not depend on them), with the reference model `../shared/reference/model_v.json` (tiny
+the peaks do not depend on them, except that cfg above 1 batches cond and uncond in half precision), with the reference model `../shared/reference/model_v.json` (tiny
 SwinIR, UNet, ControlNet; its VAE has 32 channels at full resolution: a 2048^2 feature map is 512 MiB
 in float32). Each size runs in its own process. Working memory = the resident set's high-water mark
-(VmHWM, benchmarks/common.py) over the resident set after loading the models; it is read at the end
+(VmHWM, benchmarks/common.py) over the resident set after loading the models, with glibc's allocator as
+`restore` runs it (`--malloc restore`; the figures before issue 16's allocator fix were taken with
+`--malloc lean`, which hid that glibc keeps freed memory by default); it is read at the end
 of every stage and of every gap between stages, so the gaps count too (the last column: from the end
 of the colour fix to the 8-bit pixels, whose estimate is the plan's "output"). "est" is the plan's
 estimate of the stage (the stage-1 image and the other image-sized buffers included). `--no-sampling` replaces the
@@ -171,6 +173,8 @@ def spill_child(args) -> dict:
     from restorecli.pipeline.planning import plan_stage2
     from restorecli.vae.tiled import tiled_decode, tiled_encode
 
+    from restorecli.memory import trim_freed_memory
+
     torch.set_num_threads(args.threads)
     pipe = DiffBIRPipeline.from_description(MODEL, device="cpu", captioner="none", torch_dtype=torch.float32)
     s = args.size
@@ -190,6 +194,7 @@ def spill_child(args) -> dict:
     import gc
 
     gc.collect()
+    trim_freed_memory()  # what loading freed, as the pipeline gives it back after each stage
     base = rss_bytes()
     reset_hwm()
     t0 = time.perf_counter()
@@ -211,6 +216,26 @@ def spill_child(args) -> dict:
 
 # ------------------------------------------------------------------------------------------ the parent
 
+#: glibc settings for the children (`--malloc`): None = benchmarks/common.py's MALLOC_ENV (a 128 KiB fixed
+#: threshold, no trim threshold), else these variables over the environment as it is.
+MALLOC_MODES = {
+    "restore": {},  # what `restore` runs with: glibc as it comes, trimmed after each stage (restorecli.memory)
+    "glibc": {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"},  # a user's malloc option (glibc's own default): untouched
+    "lean": None,
+    "tunables": {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:glibc.malloc.tcache_count=0"},
+    "mmap-1m": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)},
+    "mmap-4m": {"MALLOC_MMAP_THRESHOLD_": str(4 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 20)},
+    "mmap-32m": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(32 << 20)},
+}
+
+
+def _malloc_env(mode: str) -> dict[str, str]:
+    if MALLOC_MODES[mode] is None:
+        return child_env()
+    env = child_env(keep_malloc=True)
+    env.update(MALLOC_MODES[mode])
+    return env
+
 
 def _mib(n) -> str:
     return "-" if n is None else f"{n / 2**20:.0f}"
@@ -231,6 +256,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sampling", action="store_true", help="decode x_T instead of sampling (the tiny UNet is slow at 4096)")
     ap.add_argument("--no-stage1", action="store_true", help="the condition is the input upscaled (bicubic), no cleaner")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--malloc", choices=list(MALLOC_MODES), default="restore",
+                    help="glibc's allocator in the children: restore (as `restore` runs: glibc's defaults, trimmed "
+                         "after each stage), glibc (left as glibc ships it, no trims), lean (128 KiB, no trim threshold), "
+                         "tunables (the README's GLIBC_TUNABLES: freed memory kept), mmap-1m/4m/32m (fixed thresholds)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", choices=["restore", "spill"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -248,7 +277,7 @@ def main(argv=None) -> int:
         return 0
 
     cap = parse_size(args.max_memory)
-    print(f"# --max-memory {args.max_memory} ({cap / 2**30:.2f} GiB); tiny reference model, {args.precision}; CPU, {args.threads} threads; "
+    print(f"# --max-memory {args.max_memory} ({cap / 2**30:.2f} GiB); tiny reference model, {args.precision}; malloc {args.malloc}; CPU, {args.threads} threads; "
           f"load {load_average()}", flush=True)
     common = [sys.executable, __file__, "--max-memory", args.max_memory, "--threads", str(args.threads),
               "--cfg", str(args.cfg), "--precision", args.precision] + (["--spill-dir", args.spill_dir] if args.spill_dir else [])
@@ -258,7 +287,7 @@ def main(argv=None) -> int:
         for size in (int(s) for s in args.sizes.split(",")):
             cmd = (common + ["--child", "restore", "--size", str(size)] + (["--no-sampling"] if args.no_sampling else [])
                    + (["--no-stage1"] if args.no_stage1 else []))
-            row = run_child(cmd, env=child_env())
+            row = run_child(cmd, env=_malloc_env(args.malloc))
             row.setdefault("size", size)
             results["restore"].append(row)
             print(json.dumps(row), flush=True)
@@ -269,7 +298,7 @@ def main(argv=None) -> int:
                 for mode in SPILL_MODES:
                     cmd = common + ["--child", "spill", "--size", str(args.spill_size), "--part", part, "--mode", mode,
                                     "--ref", ref]
-                    row = run_child(cmd, env=child_env())
+                    row = run_child(cmd, env=_malloc_env(args.malloc))
                     row.update(part=part, mode=mode)
                     results["spill"].append(row)
                     print(json.dumps(row), flush=True)

@@ -272,6 +272,34 @@ def reference(pipe, photo):
 
 
 
+def test_what_each_stage_freed_is_given_back_before_the_next(pipe, photo, reference, monkeypatch):
+    """The plans budget each stage as if the ones before had given their memory back: the allocator is
+    trimmed after every stage (restorecli.memory; tests/test_memory.py checks the trim itself)."""
+    import restorecli.pipeline.diffbir as diffbir
+
+    events = []
+
+    class Monitor:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            events.append(("start", self.name))
+
+        def __exit__(self, *exc):
+            events.append(("end", self.name))
+
+    monkeypatch.setattr(diffbir, "trim_freed_memory", lambda: events.append(("trim", None)))
+    monkeypatch.setattr(pipe, "stage_monitor", Monitor)
+    out = pipe(photo, **CALL)
+    torch.testing.assert_close(out.images, reference, rtol=0, atol=0)
+    stages = [name for kind, name in events if kind == "start"]
+    assert {"stage 1", "encode", "sampling", "decode", "colour fix"} <= set(stages)
+    for k, (kind, name) in enumerate(events):
+        if kind == "end":
+            assert events[k + 1] == ("trim", None), events
+
+
 @pytest.mark.slow
 def test_tiled_vae_in_the_pipeline_gives_the_untiled_image(pipe, photo, reference, monkeypatch, tmp_path):
     """Exact VAE tiles (the encoder's paused tiles all on disk) and the colour fix in bands: the

@@ -57,7 +57,7 @@ from ..diffusion.tiled_sampling import sampling_windows
 from ..vae.tiled import SpillError, check_spill_space, default_spill_dir, posterior_mode, tiled_decode, tiled_encode
 from ..errors import InputError, UsageError, brief
 from ..oom import is_out_of_memory, release_memory
-from ..memory import SAFETY, available_memory
+from ..memory import SAFETY, available_memory, trim_freed_memory
 from ..models.cldm import ControlledUNet, encode_prompt, vae_decode, vae_encode
 from ..models.description import DiffusionSpec
 from ..stage1.cleaners import Cleaner
@@ -875,8 +875,15 @@ class DiffBIRPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------
     # stages: monitoring and the out-of-memory retry
 
+    @contextlib.contextmanager
     def _monitor(self, name: str):
-        return self.stage_monitor(name) if self.stage_monitor is not None else contextlib.nullcontext()
+        """A stage: inside `stage_monitor(name)` if one is set; afterwards what it freed leaves the process
+        (`trim_freed_memory`: the next stage's plan counts on it)."""
+        try:
+            with self.stage_monitor(name) if self.stage_monitor is not None else contextlib.nullcontext():
+                yield
+        finally:
+            trim_freed_memory()
 
     def _run_stage(self, name: str, run: Callable[[Any], T], setting, smaller: Callable[[Any], Any],
                    describe: Callable[[Any], str], source: str | None) -> T:
