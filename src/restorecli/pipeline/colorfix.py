@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..memory import trim_freed_memory
+
 WAVELET_LEVELS = 5
 #: Rows of context a band of the wavelet fix needs on each side: the blurs' radii, 1 + 2 + ... + 2^(L-1).
 WAVELET_HALO = 2**WAVELET_LEVELS - 1
@@ -101,6 +103,7 @@ def color_fix_in_bands(kind: str, decoded: torch.Tensor, style: torch.Tensor, ro
         del original
         decoded[:, :, r0:r1].copy_(out[:, :, r0 - e0 : r1 - e0])
         del out
+        trim_freed_memory()  # a band's temporaries, below glibc's mmap threshold, would otherwise pile up
     return decoded
 
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..memory import trim_freed_memory
+
 logger = logging.getLogger("restorecli.vae")
 
 __all__ = [
@@ -724,6 +726,7 @@ class _Engine:
             for k in {st.src, st.residual} - {None}:
                 if self.last_use[k] == i and k != self.prog.input_key:
                     maps.pop(k).drop_all()
+            trim_freed_memory()  # the stage's tiles, below glibc's mmap threshold, would otherwise stay resident
             logger.debug("%s done; stored %.1f MiB in memory, %.1f MiB on disk", st.name, self.counter.live / 2**20,
                          self.spill.live / 2**20 if self.spill is not None else 0.0)
         return maps[self.prog.output_key].t
