@@ -92,7 +92,8 @@ def _mps_available() -> int:
 
 def trim_freed_memory() -> bool:
     """Give the memory freed so far back to the system: glibc's `malloc_trim(0)`, which returns every free
-    page of every arena. Called after each stage of a restoration; a no-op (False) off glibc, and where
+    page of every arena. Called after each stage of a restoration (and each tiled-VAE stage and colour-fix
+    band); a no-op (False) off glibc, and where
     the user has set glibc's malloc options (GLIBC_TUNABLES' glibc.malloc.*, MALLOC_*_).
 
     Every plan counts on a stage's memory leaving the process when the stage ends; glibc's default does
@@ -100,9 +101,9 @@ def trim_freed_memory() -> bool:
     block's size, blocks below it then come from the heap, and the heap keeps what is freed in its middle.
     Measured (benchmarks/memory_cap.py --malloc, the tiny model, bf16, cond and uncond batched, 2048^2
     under --max-memory 1GB, a plan of 0.8 GiB): glibc as it comes 1225 MiB of working memory (over the
-    cap); this trim after each stage 807 MiB; a fixed 4 MiB mmap threshold 718 MiB, but 28% slower on the
-    full-size default restoration (benchmarks/cpu.py: every block above it is mapped and faulted in
-    afresh), where the trim costs nothing measurable (33.4 vs 33.6 s)."""
+    cap); these trims 806 MiB; a fixed 4 MiB mmap threshold 718 MiB, but the full-size default restoration
+    24% slower (benchmarks/cpu.py: every block above it is mapped and faulted in afresh), where the trims
+    cost nothing measurable (33.4 vs 33.6 s). docs/memory.md has the table."""
     libc = _libc() if _glibc_is_ours() else None
     if libc is None:
         return False
