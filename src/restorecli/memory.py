@@ -93,8 +93,8 @@ def _mps_available() -> int:
 def trim_freed_memory() -> bool:
     """Give the memory freed so far back to the system: glibc's `malloc_trim(0)`, which returns every free
     page of every arena. Called after each stage of a restoration (and each tiled-VAE stage and colour-fix
-    band); a no-op (False) off glibc, and where
-    the user has set glibc's malloc options (GLIBC_TUNABLES' glibc.malloc.*, MALLOC_*_).
+    band); a no-op (False) off glibc, and where the user has set glibc's malloc options (GLIBC_TUNABLES'
+    glibc.malloc.*, MALLOC_*_).
 
     Every plan counts on a stage's memory leaving the process when the stage ends; glibc's default does
     not do that. Its mmap threshold is dynamic: each freed mapped block up to 32 MiB raises it to that
