@@ -57,12 +57,16 @@ def plan(h, w, budget, **kw):
 
 
 def test_sd21_sampling_estimate_is_the_measured_one(tiny):
-    """Measured one-call peaks at 64^2, 96^2, 128^2 latents (docs/memory.md), within 5%; the tiny reference
-    UNet (attention at the full latent resolution: its feed-forward, not its skips, dominates) measured
-    3.8 KB per latent pixel at 128^2."""
+    """Measured one-call peaks at 64^2, 96^2, 128^2 latents (docs/memory.md): the live tensors (the lean
+    allocator; the model without the CPU's allocator factor, as on CUDA) within 5%, and on the CPU with
+    glibc as `restore` runs it (249 / 530 / 903 MB) within 8%; the tiny reference UNet (attention at the
+    full latent resolution: its feed-forward, not its skips, dominates) measured 3.8 KB per latent pixel
+    at 128^2 (lean)."""
     for side, measured in ((64, 192e6), (96, 404e6), (128, 708e6)):
-        assert abs(sampling_peak_bytes(SD_UNET, side, side) / measured - 1) < 0.05
-    assert abs(sampling_peak_bytes(tiny.unet, 128, 128) / (3812 * 128**2) - 1) < 0.1
+        assert abs(sampling_peak_bytes(SD_UNET, side, side, device="cuda") / measured - 1) < 0.05
+    for side, measured in ((64, 249e6), (96, 530e6), (128, 903e6)):
+        assert abs(sampling_peak_bytes(SD_UNET, side, side) / measured - 1) < 0.08
+    assert abs(sampling_peak_bytes(tiny.unet, 128, 128, device="cuda") / (3812 * 128**2) - 1) < 0.1
     assert sampling_peak_bytes(SD_UNET, 64, 64, batch=2) > sampling_peak_bytes(SD_UNET, 64, 64)
     assert sampling_peak_bytes(SD_UNET, 64, 64, dtype=torch.float16) < sampling_peak_bytes(SD_UNET, 64, 64)
 

@@ -38,6 +38,11 @@ SD21_SKIP_FLOATS = 1620
 SAMPLER_LATENT_BUFFERS = 16
 HALF_FACTOR = 0.6
 VAE_CPU_FACTOR = 1.35
+#: One UNet + IRControlNet call on the CPU over its live tensors: glibc's heap slack. SD 2.1, fp32, batch 1,
+#: one call after a warm-up (`benchmarks/run.py --measure-child N`): 249 / 530 / 903 MB at 64^2 / 96^2 /
+#: 128^2 latents with glibc as `restore` runs it, against 207 / 422 / 722 MB with the lean allocator the
+#: per-pixel figures were fitted under (1.20 / 1.26 / 1.25 x); `SAFETY` alone left no room for it.
+SAMPLING_CPU_ALLOCATOR_FACTOR = 1.25
 #: The stage-1 image (float32 RGB): the condition and the colour-fix reference, alive through stage 2.
 COND_BYTES_PER_PIXEL = 12
 #: The encoder's input is made as `pad(cond) * 2 - 1`: two padded float32 copies at once.
@@ -99,7 +104,8 @@ def sampling_peak_bytes(unet_config, h: int, w: int, *, batch: int = 1, dtype=to
                         device: torch.device | str = "cpu") -> int:
     """One UNet + IRControlNet call on a (batch, 4, h, w) latent: max(a fixed part, per latent pixel the
     larger of bytes per skip float x skip floats and bytes per feed-forward float x its floats), plus the
-    quadratic attention matrix where SDPA may fall back to the math kernel (docs/memory.md)."""
+    quadratic attention matrix where SDPA may fall back to the math kernel (docs/memory.md); on the CPU
+    x SAMPLING_CPU_ALLOCATOR_FACTOR for glibc's heap."""
     skip = skip_floats_per_latent_pixel(unet_config)
     per_pixel = max(SAMPLING_BYTES_PER_SKIP_FLOAT * skip, SAMPLING_BYTES_PER_FF_FLOAT * ff_floats_per_latent_pixel(unet_config))
     model = max(per_pixel * batch * h * w, SAMPLING_FIXED_BYTES * skip / SD21_SKIP_FLOATS)
@@ -109,6 +115,8 @@ def sampling_peak_bytes(unet_config, h: int, w: int, *, batch: int = 1, dtype=to
         model += 4 * int(heads) * batch * (h * w) ** 2
     if _is_half(dtype):
         model *= HALF_FACTOR
+    if torch.device(device).type == "cpu":
+        model *= SAMPLING_CPU_ALLOCATOR_FACTOR
     return int(model)
 
 
