@@ -23,6 +23,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RESTORE_SHARED_DIR", REPO.parent / "shared"))
 TOKENIZER = SHARED / "sd2-tokenizer"
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
+#: glibc tunables (read at process start) under which freed memory is reused without page faults:
+#: no mmap for large blocks, no trimming below 2 GiB, no per-thread cache (whose small chunks would pin
+#: freed blocks in place and grow the heap). The README's speed opt-in.
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:glibc.malloc.tcache_count=0"
+#: A malloc option of the user's, set to glibc's own default: restorecli then leaves glibc alone (no trims).
+GLIBC_UNTOUCHED = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}
+
+
+def fixed_mmap_threshold(nbytes: int) -> dict[str, str]:
+    """glibc's mmap and trim thresholds fixed at `nbytes` (its dynamic threshold off): freed blocks above
+    it go back at once, at the price of faulting in every such block afresh."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(nbytes), "MALLOC_TRIM_THRESHOLD_": str(nbytes)}
 
 
 # -- CPU resident set -------------------------------------------------------------------------------------

@@ -65,17 +65,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, TOKENIZER, child_env, hwm_bytes, load_average, run_child  # noqa: E402
+from common import (  # noqa: E402
+    GLIBC_TUNABLES, GLIBC_UNTOUCHED, REPO, TOKENIZER, child_env, fixed_mmap_threshold, hwm_bytes, load_average, run_child,
+)
 
 sys.path.insert(0, str(REPO / "src"))
 
 VARIANTS = ("official-fp32", "official-bf16", "fp32", "bf16-unbatched", "bf16-nchw-vae", "auto", "auto-tunables",
             "auto-compile", "auto-glibc", "auto-mmap-128k", "auto-mmap-1m", "auto-mmap-4m")
 DEFAULT_VARIANTS = ("official-fp32", "fp32", "bf16-unbatched", "bf16-nchw-vae", "auto", "auto-tunables")
-#: glibc tunables (read at process start) under which freed memory is reused without page faults:
-#: no mmap for large blocks, no trimming below 2 GiB, no per-thread cache (whose small chunks would pin
-#: freed blocks in place and grow the heap)
-GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:glibc.malloc.tcache_count=0"
 SEED = 231
 SIZE = 128
 
@@ -409,12 +407,11 @@ def main() -> None:
             env = child_env(keep_malloc=True)
             if variant == "auto-tunables":
                 env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
-            if variant == "auto-glibc":  # a malloc option of the user's (glibc's own default value): glibc untouched
-                env["GLIBC_TUNABLES"] = "glibc.malloc.tcache_count=7"
-            if variant.startswith("auto-mmap-"):  # a fixed mmap threshold: freed blocks above it go back at once
+            if variant == "auto-glibc":
+                env.update(GLIBC_UNTOUCHED)
+            if variant.startswith("auto-mmap-"):
                 size = variant.removeprefix("auto-mmap-")
-                threshold = str(int(size[:-1]) << (10 if size.endswith("k") else 20))
-                env.update(MALLOC_MMAP_THRESHOLD_=threshold, MALLOC_TRIM_THRESHOLD_=threshold)
+                env.update(fixed_mmap_threshold(int(size[:-1]) << (10 if size.endswith("k") else 20)))
             row = run_child(_cmd(args, "--child", kind, "--variant", variant), env=env, timeout=args.timeout)
             rows[variant].append(row)
             print(row.get("error") or f"{row['restore_s']:.1f} s", flush=True)

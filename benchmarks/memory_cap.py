@@ -40,7 +40,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, child_env, hwm_bytes, load_average, reset_hwm, rss_bytes, run_child  # noqa: E402
+from common import (  # noqa: E402
+    GLIBC_TUNABLES, GLIBC_UNTOUCHED, SHARED, child_env, fixed_mmap_threshold, hwm_bytes, load_average, reset_hwm,
+    rss_bytes, run_child,
+)
 
 MODEL = SHARED / "reference" / "model_v.json"
 STAGES = ("stage 1", "prompt", "encode", "sampling", "decode", "colour fix")
@@ -171,9 +174,8 @@ def spill_child(args) -> dict:
 
     from restorecli.pipeline.diffbir import DiffBIRPipeline
     from restorecli.pipeline.planning import plan_stage2
-    from restorecli.vae.tiled import tiled_decode, tiled_encode
-
     from restorecli.memory import trim_freed_memory
+    from restorecli.vae.tiled import tiled_decode, tiled_encode
 
     torch.set_num_threads(args.threads)
     pipe = DiffBIRPipeline.from_description(MODEL, device="cpu", captioner="none", torch_dtype=torch.float32)
@@ -220,12 +222,12 @@ def spill_child(args) -> dict:
 #: threshold, no trim threshold), else these variables over the environment as it is.
 MALLOC_MODES = {
     "restore": {},  # what `restore` runs with: glibc as it comes, trimmed after each stage (restorecli.memory)
-    "glibc": {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"},  # a user's malloc option (glibc's own default): untouched
+    "glibc": GLIBC_UNTOUCHED,
     "lean": None,
-    "tunables": {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:glibc.malloc.tcache_count=0"},
-    "mmap-1m": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)},
-    "mmap-4m": {"MALLOC_MMAP_THRESHOLD_": str(4 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 20)},
-    "mmap-32m": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(32 << 20)},
+    "tunables": {"GLIBC_TUNABLES": GLIBC_TUNABLES},
+    "mmap-1m": fixed_mmap_threshold(1 << 20),
+    "mmap-4m": fixed_mmap_threshold(4 << 20),
+    "mmap-32m": fixed_mmap_threshold(32 << 20),
 }
 
 

@@ -9,6 +9,7 @@ At the bottom of the layers (beside `oom`), so that stage 1 and the pipeline bot
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from pathlib import Path
@@ -117,17 +118,13 @@ def _glibc_is_ours() -> bool:
     return not ("glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(name in os.environ for name in _USER_MALLOC_ENV))
 
 
-_LIBC: list = []
-
-
+@functools.cache
 def _libc():
     """The C library when it is glibc (musl has no malloc_trim), else None."""
-    if not _LIBC:
-        try:
-            libc = ctypes.CDLL(None)
-            libc.gnu_get_libc_version
-            libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-        except (OSError, AttributeError):
-            libc = None
-        _LIBC.append(libc)
-    return _LIBC[0]
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
